@@ -1,0 +1,483 @@
+"""Images: safe loading, CLIP-style preprocessing and the HF-style image processor.
+
+`load_image` turns a path / bytes / file object / PIL image into a fully decoded RGB image, or
+raises `ImageError` naming the file (missing, not an image, truncated, too many pixels).
+
+`preprocess` turns an RGB image into a normalised `(3, H, W)` float32 tensor in one of three modes:
+
+- ``crop``: what open_clip does for ``CLIP-convnext_large_d_320`` at inference
+  (`open_clip.transform.image_transform(size, is_train=False)`): shortest side to the target with
+  bicubic resampling, center crop, CLIP mean/std.
+- ``pad``: LLaVA's ``expand2square``: paste the image centered on a square canvas of the mean
+  colour, then resize that canvas to the target.
+- ``keep-aspect``: long side to the target, both sides rounded to multiples of ``stride``, no crop
+  (ConvLLaVA's finding for documents).
+
+`ConvLlavaImageProcessor` wraps both for the model and saves/loads as ``preprocessor_config.json``
+like any transformers image processor.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from typing import IO, Any, TypedDict
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import functional as TF
+from transformers.image_processing_base import BatchFeature, ImageProcessingMixin
+
+from ..errors import ConfigError, ImageError
+
+logger = logging.getLogger(__name__)
+
+# open_clip's OPENAI_DATASET_MEAN / OPENAI_DATASET_STD, used by CLIP-convnext_large_d_320.
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+PREPROCESS_MODES: tuple[str, ...] = ("crop", "pad", "keep-aspect")
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_STRIDE = 64  # ConvNeXt with stage 5: one image token per 64x64 pixels
+
+# `pad` builds LLaVA's square canvas (max(W, H)^2 pixels) only up to this size (~190 MB RGB); a very
+# long, thin image would otherwise need gigabytes, so beyond it the image is shrunk first.
+_PAD_CANVAS_LIMIT = 64_000_000
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
+ImageSize = int | tuple[int, int] | list[int]
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+
+
+def load_image(
+    source: ImageSource, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str | None = None
+) -> Image.Image:
+    """Open, check and fully decode one image; return it as an RGB PIL image (EXIF-rotated).
+
+    Args:
+        source: a path (str / PathLike), raw encoded bytes, a binary file object, or a PIL image.
+        max_pixels: refuse images with ``width * height`` above this. The size is read from the
+            header, before any pixel is decoded, so a decompression bomb costs nothing. PIL's own
+            limit (`PIL.Image.MAX_IMAGE_PIXELS`, a process-wide setting left untouched here) also
+            applies: an image over it is refused even if ``max_pixels`` is larger.
+        name: how error messages call the image; defaults to the path, the file object's name,
+            or ``"<bytes>"``.
+
+    Returns:
+        A new ``RGB`` image, decoded in full, with the EXIF orientation applied.
+
+    Raises:
+        ImageError: missing file, not an image, truncated or corrupt data, too many pixels.
+        ConfigError: ``max_pixels`` is not a positive int.
+    """
+    _check_positive_int("max_pixels", max_pixels)
+    label = name if name is not None else _source_label(source)
+    if isinstance(source, Image.Image):
+        return _decode_checked(source, label, max_pixels)
+
+    if isinstance(source, (str, os.PathLike)):
+        fp: str | os.PathLike | IO[bytes] = source
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        fp = io.BytesIO(bytes(source))
+    elif hasattr(source, "read"):
+        fp = source
+    else:
+        raise ImageError(
+            f"{label}: cannot read an image from a {type(source).__name__}; "
+            "pass a path, bytes, a binary file object or a PIL image"
+        )
+
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (then errors at twice the size) about decompression bombs while reading the
+            # header; make the warning an exception too, so it becomes a clean ImageError below.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(fp)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: no such image file") from None
+    except IsADirectoryError:
+        raise ImageError(f"{label}: is a directory, not an image file") from None
+    except PermissionError as exc:
+        raise ImageError(f"{label}: cannot read the file ({exc.strerror})") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{label}: not an image, or in a format Pillow cannot read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{label}: refused as a possible decompression bomb: {exc}") from None
+    except Exception as exc:  # Pillow's format plugins raise many types on a corrupt header
+        raise ImageError(f"{label}: cannot read the image header ({type(exc).__name__}: {exc})") from exc
+
+    # `with` closes a file Pillow opened itself; a caller's file object stays open.
+    with image:
+        return _decode_checked(image, label, max_pixels)
+
+
+def _source_label(source: object) -> str:
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)  # type: ignore[return-value]
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return "<bytes>"
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<PIL image>"
+    file_name = getattr(source, "name", None)
+    return file_name if isinstance(file_name, str) else f"<{type(source).__name__}>"
+
+
+def _decode_checked(image: Image.Image, label: str, max_pixels: int) -> Image.Image:
+    """Check the size, decode every pixel, apply EXIF orientation, convert to RGB (a new image)."""
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{label}: {width}x{height} = {width * height:,} pixels is more than max_pixels="
+            f"{max_pixels:,} (a decompression bomb?); pass a larger max_pixels if you trust the file"
+        )
+    if width == 0 or height == 0:
+        raise ImageError(f"{label}: the image is empty ({width}x{height})")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # A full decode now, so truncated data fails here and not later inside a DataLoader
+            # worker. Needs PIL's ImageFile.LOAD_TRUNCATED_IMAGES to stay False (its default).
+            image.load()
+    except Exception as exc:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error...
+        raise ImageError(f"{label}: truncated or corrupt image data ({type(exc).__name__}: {exc})") from exc
+
+    try:
+        oriented = ImageOps.exif_transpose(image)
+    except Exception as exc:  # a broken EXIF block should not make a readable image unusable
+        logger.warning("%s: ignoring unreadable EXIF orientation (%s)", label, exc)
+        oriented = image
+    try:
+        return to_rgb(oriented)
+    except ValueError as exc:
+        raise ImageError(f"{label}: cannot convert mode {image.mode!r} to RGB ({exc})") from exc
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Return a new RGB copy of ``image``.
+
+    Like LLaVA and open_clip this is a plain ``.convert("RGB")``: alpha is dropped, not composited
+    on white, so RGBA/LA/PA images look exactly as they do in those code bases. One exception:
+    16-bit grayscale is scaled to 8 bits first, because PIL's convert clips it (mostly white).
+    """
+    if image.mode in _SIXTEEN_BIT_MODES or (image.mode == "I" and (image.getextrema()[1] or 0) > 255):
+        image = image.convert("I").point(lambda value: value * (1 / 257)).convert("L")
+    elif image.mode == "F":
+        image = image.convert("L")
+    elif image.mode == "P" and "transparency" in image.info:
+        # Same RGB values; going through RGBA avoids PIL's "palette with transparency" warning.
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------------------
+
+
+def preprocess(
+    image: Image.Image,
+    size: ImageSize,
+    mode: str = "crop",
+    stride: int = DEFAULT_STRIDE,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
+) -> torch.Tensor:
+    """Resize / crop / pad one image for the vision tower and normalise it.
+
+    Args:
+        image: a PIL image (converted to RGB with `to_rgb` if it is not RGB already).
+        size: the target: an int (square) or ``(H, W)`` for ``crop`` / ``pad``; the long side
+            (an int, a multiple of ``stride``) for ``keep-aspect``.
+        mode: ``"crop"``, ``"pad"`` or ``"keep-aspect"`` (see the module docstring).
+        stride: pixels per image token side; ``keep-aspect`` rounds both sides to multiples of it.
+        mean, std: per-channel normalisation (CLIP's by default).
+
+    Returns:
+        ``(3, H, W)`` float32 tensor, ``(pixel / 255 - mean) / std``. ``(H, W)`` is the target for
+        ``crop`` / ``pad`` and `preprocessed_size` of the image for ``keep-aspect``.
+    """
+    target = preprocessed_size(image.height, image.width, size, mode, stride)
+    mean, std = _check_mean_std(mean, std)
+    if image.mode != "RGB":
+        image = to_rgb(image)
+
+    if mode == "crop":
+        image = _resize_cover_and_center_crop(image, target)
+    elif mode == "pad":
+        fill = tuple(int(channel * 255) for channel in mean)  # as LLaVA's expand2square
+        image = _pad_to_aspect_and_resize(image, target, fill)
+    else:
+        image = _resize_exact(image, target)
+    tensor = TF.to_tensor(image)  # (3, H, W) float32 in [0, 1]
+    return TF.normalize(tensor, list(mean), list(std))
+
+
+def preprocessed_size(
+    height: int, width: int, size: ImageSize, mode: str = "crop", stride: int = DEFAULT_STRIDE
+) -> tuple[int, int]:
+    """The ``(H, W)`` that `preprocess` gives an image of ``height x width``, without doing it.
+
+    Raises:
+        ConfigError: unknown mode, bad size or stride, or a ``keep-aspect`` target that is not a
+            single multiple of ``stride``.
+    """
+    target = check_preprocess_options(size, mode, stride)
+    if mode != "keep-aspect":
+        return target
+    long_side = target[0]
+    scale = long_side / max(height, width)
+
+    def round_to_stride(length: int) -> int:
+        return max(stride, math.floor(length * scale / stride + 0.5) * stride)
+
+    return round_to_stride(height), round_to_stride(width)
+
+
+def image_token_count(height: int, width: int, stride: int = DEFAULT_STRIDE) -> int:
+    """Image tokens the vision tower makes from a ``(3, height, width)`` input: ``(H/s) * (W/s)``.
+
+    Raises:
+        ConfigError: ``height`` or ``width`` is not a positive multiple of ``stride``.
+    """
+    _check_positive_int("stride", stride)
+    for side_name, side in (("height", height), ("width", width)):
+        if isinstance(side, bool) or not isinstance(side, int) or side <= 0 or side % stride:
+            raise ConfigError(
+                f"image {side_name} {side!r} is not a positive multiple of the stride {stride}; "
+                f"preprocess images to sizes like {stride * 12} first"
+            )
+    return (height // stride) * (width // stride)
+
+
+def check_preprocess_options(size: ImageSize, mode: str, stride: int) -> tuple[int, int]:
+    """Validate a (size, mode, stride) triple; return the target ``(H, W)`` (long side twice for
+    ``keep-aspect``).
+
+    Raises:
+        ConfigError: what is wrong and what the valid values are.
+    """
+    if mode not in PREPROCESS_MODES:
+        raise ConfigError(f"unknown image mode {mode!r}; valid modes: {', '.join(PREPROCESS_MODES)}")
+    _check_positive_int("stride", stride)
+    if isinstance(size, (tuple, list)):
+        if len(size) != 2 or not all(_is_positive_int(side) for side in size):
+            raise ConfigError(f"image size {size!r} must be a positive int or (height, width)")
+        if mode == "keep-aspect":
+            raise ConfigError(f"mode 'keep-aspect' takes one int size (the long side), not {size!r}")
+        return int(size[0]), int(size[1])
+    if not _is_positive_int(size):
+        raise ConfigError(f"image size {size!r} must be a positive int or (height, width)")
+    if mode == "keep-aspect" and size % stride:
+        raise ConfigError(
+            f"mode 'keep-aspect' needs a size that is a multiple of the stride {stride}, got {size}; "
+            f"try {max(stride, round(size / stride) * stride)}"
+        )
+    return size, size
+
+
+def _resize_cover_and_center_crop(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """open_clip's eval transform: resize to cover ``target`` (bicubic), center crop to it.
+
+    The sizes and offsets are those of open_clip's ops: a square target uses torchvision's
+    ``Resize(int)`` (short side = target, long side ``int()``-truncated), a non-square one
+    open_clip's ``ResizeKeepRatio`` (both sides ``round()``-ed), then torchvision's
+    ``CenterCrop`` (offsets ``int(round(excess / 2))``). torchvision resizes a PIL image with
+    ``Image.resize(size, BICUBIC)``; here the same call is given a ``box`` so it only computes the
+    pixels the crop keeps: the same filter and sample positions, but an extreme aspect ratio (1x5000)
+    no longer builds a gigapixel intermediate image.
+    """
+    target_h, target_w = target
+    width, height = image.size
+    if target_h == target_w:
+        short, long = min(width, height), max(width, height)
+        new_long = int(target_h * long / short)
+        resized_w, resized_h = (target_w, new_long) if width <= height else (new_long, target_h)
+    else:
+        ratio = min(height / target_h, width / target_w)
+        resized_h, resized_w = round(height / ratio), round(width / ratio)
+    top = int(round((resized_h - target_h) / 2.0))
+    left = int(round((resized_w - target_w) / 2.0))
+    if (resized_w, resized_h) == (width, height):  # torchvision skips the resize too
+        return image.crop((left, top, left + target_w, top + target_h))
+    scale_x, scale_y = width / resized_w, height / resized_h
+    box = (
+        left * scale_x,
+        top * scale_y,
+        min(width, (left + target_w) * scale_x),
+        min(height, (top + target_h) * scale_y),
+    )
+    return image.resize((target_w, target_h), Image.Resampling.BICUBIC, box=box)
+
+
+def _pad_to_aspect_and_resize(
+    image: Image.Image, target: tuple[int, int], fill: tuple[int, ...]
+) -> Image.Image:
+    """LLaVA's ``expand2square`` (generalised to the target's aspect ratio), then a bicubic resize."""
+    target_h, target_w = target
+    width, height = image.size
+    if width * target_h >= height * target_w:  # wider than the target: pad top and bottom
+        canvas_w, canvas_h = width, max(height, round(width * target_h / target_w))
+    else:
+        canvas_w, canvas_h = max(width, round(height * target_w / target_h)), height
+    if canvas_w * canvas_h > _PAD_CANVAS_LIMIT:
+        # Shrink first so the canvas stays small; differs from LLaVA only along the image border.
+        scale = target_h / canvas_h
+        shrunk = _resize_exact(image, (max(1, round(height * scale)), max(1, round(width * scale))))
+        canvas = Image.new("RGB", (target_w, target_h), fill)
+        canvas.paste(shrunk, ((target_w - shrunk.width) // 2, (target_h - shrunk.height) // 2))
+        return canvas
+    if (canvas_w, canvas_h) != (width, height):
+        canvas = Image.new("RGB", (canvas_w, canvas_h), fill)
+        canvas.paste(image, ((canvas_w - width) // 2, (canvas_h - height) // 2))
+        image = canvas
+    return _resize_exact(image, target)
+
+
+def _resize_exact(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Bicubic resize to ``(H, W)`` with torchvision (PIL antialiased bicubic underneath)."""
+    return TF.resize(image, list(target), interpolation=TF.InterpolationMode.BICUBIC)
+
+
+def _is_positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_positive_int(option: str, value: object) -> None:
+    if not _is_positive_int(value):
+        raise ConfigError(f"{option} must be a positive int, got {value!r}")
+
+
+def _check_mean_std(
+    mean: Sequence[float], std: Sequence[float]
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    try:
+        mean_t = tuple(float(value) for value in mean)
+        std_t = tuple(float(value) for value in std)
+    except (TypeError, ValueError):
+        raise ConfigError(f"image mean/std must be 3 numbers each, got {mean!r} / {std!r}") from None
+    if len(mean_t) != 3 or len(std_t) != 3 or min(std_t) <= 0:
+        raise ConfigError(
+            f"image mean/std must be 3 numbers each (std > 0), got {list(mean)!r} / {list(std)!r}"
+        )
+    return mean_t, std_t
+
+
+# --------------------------------------------------------------------------------------------------
+# Image processor (transformers-style save/load)
+# --------------------------------------------------------------------------------------------------
+
+
+class ConvLlavaImageProcessorKwargs(TypedDict, total=False):
+    """Options `ConvLlavaImageProcessor.from_pretrained(path, **kwargs)` may override."""
+
+    image_size: int | list[int]
+    mode: str
+    stride: int
+    image_mean: list[float]
+    image_std: list[float]
+    max_pixels: int
+
+
+class ConvLlavaImageProcessor(ImageProcessingMixin):
+    """Loads and preprocesses images for ConvLLaVA; saved as ``preprocessor_config.json``.
+
+    Args:
+        image_size: int (square) or ``[H, W]``; the long side for ``keep-aspect``. Must be a
+            multiple of ``stride`` so every pixel maps to an image token.
+        mode: ``"crop"`` (open_clip's eval transform), ``"pad"`` (LLaVA's expand-to-square) or
+            ``"keep-aspect"``.
+        stride: pixels per image token side (64 with stage 5, 32 without).
+        image_mean, image_std: normalisation, CLIP's by default.
+        max_pixels: images with more pixels are refused (see `load_image`).
+    """
+
+    model_input_names = ["pixel_values", "image_sizes"]
+    valid_kwargs = ConvLlavaImageProcessorKwargs  # read by ImageProcessingMixin.from_dict
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 768,
+        mode: str = "crop",
+        stride: int = DEFAULT_STRIDE,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs: Any,
+    ) -> None:
+        unknown = set(kwargs) - {"image_processor_type", "auto_map", "processor_class"}
+        if unknown:
+            logger.warning("ConvLlavaImageProcessor: ignoring unknown options %s", sorted(unknown))
+        kwargs.pop("image_processor_type", None)  # to_dict writes it back
+        super().__init__(**{key: value for key, value in kwargs.items() if key not in unknown})
+
+        size: ImageSize = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
+        target_h, target_w = check_preprocess_options(size, mode, stride)
+        if target_h % stride or target_w % stride:
+            raise ConfigError(
+                f"image_size {size!r} must be a multiple of the stride {stride} so that every "
+                f"pixel maps to an image token (e.g. {stride * 12})"
+            )
+        mean, std = _check_mean_std(image_mean, image_std)
+        _check_positive_int("max_pixels", max_pixels)
+        # Plain lists and ints only: to_dict() deep-copies __dict__ straight into the JSON file.
+        self.image_size: int | list[int] = size
+        self.mode = mode
+        self.stride = stride
+        self.image_mean = list(mean)
+        self.image_std = list(std)
+        self.max_pixels = max_pixels
+
+    def __call__(
+        self, images: ImageSource | Sequence[ImageSource], return_tensors: str | None = "pt"
+    ) -> BatchFeature:
+        """Load and preprocess one image or a list of them.
+
+        Args:
+            images: one image or a list; each anything `load_image` accepts.
+            return_tensors: only ``"pt"`` (PyTorch) is supported.
+
+        Returns:
+            BatchFeature with ``pixel_values``: a ``(B, 3, H, W)`` float32 tensor when all images
+            come out the same size (always in ``crop`` / ``pad``), else a list of ``(3, H_i, W_i)``
+            tensors; and ``image_sizes``: ``(B, 2)`` int64, each image's preprocessed ``(H, W)``
+            (what `image_token_count` takes).
+
+        Raises:
+            ImageError: an image cannot be used (names the file).
+            ConfigError: an unsupported ``return_tensors``.
+        """
+        if return_tensors not in ("pt", None):
+            raise ConfigError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ImageError("no images given to ConvLlavaImageProcessor")
+
+        pixel_values = []
+        for index, source in enumerate(batch):
+            name = f"<bytes: image {index}>" if isinstance(source, (bytes, bytearray)) else None
+            image = load_image(source, max_pixels=self.max_pixels, name=name)
+            pixel_values.append(
+                preprocess(image, self.image_size, self.mode, self.stride, self.image_mean, self.image_std)
+            )
+        image_sizes = torch.tensor([list(values.shape[-2:]) for values in pixel_values], dtype=torch.long)
+        same_size = all(values.shape == pixel_values[0].shape for values in pixel_values)
+        stacked: torch.Tensor | list[torch.Tensor] = torch.stack(pixel_values) if same_size else pixel_values
+        return BatchFeature({"pixel_values": stacked, "image_sizes": image_sizes})
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H, W)`` of the pixel values this processor makes from a ``height x width`` image."""
+        return preprocessed_size(height, width, self.image_size, self.mode, self.stride)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Image tokens the model makes for a ``height x width`` input image (before preprocessing)."""
+        return image_token_count(*self.output_size(height, width), stride=self.stride)

@@ -1,0 +1,699 @@
+"""A synthetic visual world with Japanese text: the demo's stand-in for real datasets and weights.
+
+`generate_world(out_dir, n_train, n_test, seed)` draws scenes of 1-4 coloured shapes, one per cell
+of a 2x2 grid (左上/右上/左下/右下), and writes everything the three training stages and the held-out
+evaluation need::
+
+    images/train_000000.png ...  images/test_000000.png ...
+    stage1.json          LLaVA captions: "<image>\\n画像を説明してください。" -> "左上に赤い円、右下に青い四角があります。"
+    stage3.json          LLaVA instructions, 1-3 turns per image (count / shape_of_colour /
+                         colour_at_position / yes_no, and some describe turns answered by the caption)
+    test.json            held-out images, one question each, with "qtype", "answer" and "chance"
+    pretrain_text.jsonl  {"text": ...} lines to pretrain the tiny LLM on the world's Japanese:
+                         captions, and chats whose scene is given as a caption instead of an image
+    tokenizer/           a small char-level BPE tokenizer (tokens of at most 3 characters) with the
+                         `llm-jp-v1` (default) and `plain` chat templates
+    world.json           seed, counts, files, question types and the chance level of each
+
+Every answer depends on the image only: the question names a colour, a position or a combination
+whose answer is drawn independently of it, classes are balanced, and within one conversation no
+earlier turn gives a later answer away. Everything is a pure function of the seed, so two runs
+write byte-identical files. Records carry the drawn scene under "scene" so tests (and curious
+users) can re-derive every answer.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm.auto import tqdm
+
+from ..errors import ConfigError, DataError
+from . import templates
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COLOURS",
+    "DESCRIBE_QUESTION",
+    "EOS_TOKEN",
+    "IMAGE_TOKEN",
+    "PAD_TOKEN",
+    "POSITIONS",
+    "QUESTION_TYPES",
+    "SHAPES",
+    "UNK_TOKEN",
+    "Colour",
+    "WorldInfo",
+    "caption",
+    "generate_world",
+    "load_world_info",
+    "train_tokenizer",
+]
+
+
+@dataclass(frozen=True)
+class Colour:
+    name: str  # 赤
+    adjective: str  # 赤い (before a noun: 赤い円)
+    noun: str  # 赤色 (the answer to 何色ですか)
+    rgb: tuple[int, int, int]
+
+
+POSITIONS = ("左上", "右上", "左下", "右下")  # grid order: row-major, also the order captions use
+COLOURS = (
+    Colour("赤", "赤い", "赤色", (215, 35, 35)),
+    Colour("青", "青い", "青色", (35, 80, 225)),
+    Colour("緑", "緑の", "緑色", (30, 150, 50)),
+    Colour("黄", "黄色い", "黄色", (235, 190, 10)),
+    Colour("紫", "紫の", "紫色", (135, 50, 175)),
+)
+SHAPES = ("円", "四角", "三角", "星")
+SIZES = ("large", "small")
+QUESTION_TYPES = ("count", "shape_of_colour", "colour_at_position", "yes_no")
+MAX_SHAPES = len(POSITIONS)
+
+IMAGE_TOKEN = templates.IMAGE_TOKEN
+EOS_TOKEN = "<EOD|LLM-jp>"
+PAD_TOKEN = "<pad>"
+UNK_TOKEN = "<unk>"
+SPECIAL_TOKENS = (UNK_TOKEN, PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
+DESCRIBE_QUESTION = "画像を説明してください。"
+YES_ANSWER = "はい、あります。"
+NO_ANSWER = "いいえ、ありません。"
+
+CHANCE = {
+    "count": 1 / MAX_SHAPES,
+    "shape_of_colour": 1 / len(SHAPES),
+    "colour_at_position": 1 / len(COLOURS),
+    "yes_no": 1 / 2,
+}
+
+# Image sizes as multiples of `image_size` (width, height). The grid is the image's quadrants, so
+# "pad" preprocessing (centre on a square, then resize) keeps every shape in its quadrant.
+_ASPECTS = ((1.0, 1.0), (1.25, 1.25), (1.5, 1.0), (1.0, 1.5))
+_RADIUS = {"large": 0.16, "small": 0.105}  # of the image's short side
+_EXTENT = 1.15  # a shape's farthest point from its centre, in radii (star tips, rotated squares)
+_DESCRIBE_RATE = 0.25  # share of stage-3 conversations that end with a describe turn
+_NOISE = 4  # +- grey levels of pixel noise
+_VERSION = 1
+
+# Independent random streams: each image / record draws from default_rng([seed, stream, index]).
+_TRAIN_STREAM, _TEST_STREAM, _PRETRAIN_STREAM, _TEST_PLAN_STREAM, _TEXT_STREAM = range(5)
+
+_COLOUR_BY_NAME = {c.name: c for c in COLOURS}
+_FILES = {
+    "images": "images",
+    "stage1": "stage1.json",
+    "stage3": "stage3.json",
+    "test": "test.json",
+    "pretrain_text": "pretrain_text.jsonl",
+    "tokenizer": "tokenizer",
+}
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+@dataclass(frozen=True)
+class _Shape:
+    position: str
+    colour: str
+    shape: str
+    size: str
+    center: tuple[float, float]
+    radius: float
+    angle: float
+    tint: tuple[int, int, int]  # small per-shape offset from the colour's base RGB
+
+    @property
+    def rgb(self) -> tuple[int, int, int]:
+        base = _COLOUR_BY_NAME[self.colour].rgb
+        return tuple(int(min(255, max(0, b + t))) for b, t in zip(base, self.tint))
+
+    def to_dict(self) -> dict:
+        return {
+            "position": self.position,
+            "colour": self.colour,
+            "shape": self.shape,
+            "size": self.size,
+            "center": list(self.center),
+            "radius": self.radius,
+            "angle": self.angle,
+            "rgb": list(self.rgb),
+        }
+
+
+@dataclass(frozen=True)
+class _Scene:
+    width: int
+    height: int
+    background: tuple[int, int, int]
+    shapes: tuple[_Shape, ...]  # in grid order
+
+    def to_dict(self) -> dict:
+        return {
+            "width": self.width,
+            "height": self.height,
+            "background": list(self.background),
+            "shapes": [s.to_dict() for s in self.shapes],
+        }
+
+
+def _sample_scene(rng: np.random.Generator, image_size: int, n_shapes: int | None = None) -> _Scene:
+    aw, ah = _ASPECTS[int(rng.integers(len(_ASPECTS)))]
+    width, height = round(image_size * aw), round(image_size * ah)
+    short = min(width, height)
+    if n_shapes is None:
+        n_shapes = int(rng.integers(1, MAX_SHAPES + 1))
+    cells = sorted(int(c) for c in rng.choice(len(POSITIONS), n_shapes, replace=False))
+    colours = [COLOURS[int(i)].name for i in rng.choice(len(COLOURS), n_shapes, replace=False)]
+    grey = int(rng.integers(222, 250))
+    background = tuple(int(v) for v in np.clip(grey + rng.integers(-6, 7, 3), 0, 255))
+    shapes = []
+    for cell, colour in zip(cells, colours):
+        shape = SHAPES[int(rng.integers(len(SHAPES)))]
+        size = SIZES[int(rng.integers(len(SIZES)))]
+        radius = round(short * _RADIUS[size] * float(rng.uniform(0.9, 1.1)), 2)
+        row, col = divmod(cell, 2)
+        cell_w, cell_h = width / 2, height / 2
+        # Jitter the centre, keeping the whole shape (plus 2 px) inside its cell.
+        slack_x = max(0.0, cell_w / 2 - radius * _EXTENT - 2)
+        slack_y = max(0.0, cell_h / 2 - radius * _EXTENT - 2)
+        cx = (col + 0.5) * cell_w + float(rng.uniform(-slack_x, slack_x))
+        cy = (row + 0.5) * cell_h + float(rng.uniform(-slack_y, slack_y))
+        angle = round(float(rng.uniform(-15, 15)), 1)
+        tint = tuple(int(v) for v in rng.integers(-12, 13, 3))
+        shapes.append(
+            _Shape(POSITIONS[cell], colour, shape, size, (round(cx, 1), round(cy, 1)), radius, angle, tint)
+        )
+    return _Scene(width, height, background, tuple(shapes))
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[tuple[float, float]]:
+    if shape == "四角":
+        corners = [(45 + 90 * k, 0.85 * math.sqrt(2) * r) for k in range(4)]
+    elif shape == "三角":
+        corners = [(-90 + 120 * k, 1.1 * r) for k in range(3)]
+    else:  # 星: five outer tips and five inner corners
+        corners = [(-90 + 36 * k, 1.12 * r if k % 2 == 0 else 0.45 * r) for k in range(10)]
+    a = math.radians(angle)
+    return [
+        (cx + d * math.cos(math.radians(t) + a), cy + d * math.sin(math.radians(t) + a)) for t, d in corners
+    ]
+
+
+def _render(scene: _Scene, rng: np.random.Generator) -> Image.Image:
+    image = Image.new("RGB", (scene.width, scene.height), scene.background)
+    draw = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        cx, cy = s.center
+        if s.shape == "円":
+            draw.ellipse((cx - s.radius, cy - s.radius, cx + s.radius, cy + s.radius), fill=s.rgb)
+        else:
+            draw.polygon(_polygon(s.shape, cx, cy, s.radius, s.angle), fill=s.rgb)
+    pixels = np.asarray(image, dtype=np.int16)
+    noise = rng.integers(-_NOISE, _NOISE + 1, pixels.shape, dtype=np.int16)
+    return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
+
+
+# --------------------------------------------------------------------------- text
+
+
+def caption(scene: _Scene | dict, variant: int = 0) -> str:
+    """The scene in one Japanese sentence, shapes in grid order; `variant` (0-3) picks the phrasing.
+
+    >>> caption(scene)  # doctest: +SKIP
+    '左上に赤い円、右下に青い四角があります。'
+    """
+    shapes = scene["shapes"] if isinstance(scene, dict) else [s.to_dict() for s in scene.shapes]
+    parts = [f"{s['position']}に{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in shapes]
+    if variant == 1:
+        return "があり、".join(parts) + "があります。"
+    body = "、".join(parts) + "があります。"
+    if variant == 2:
+        return "画像には" + body
+    if variant == 3:
+        return f"図形は{len(parts)}つで、" + body
+    return body
+
+
+@dataclass(frozen=True)
+class _QA:
+    qtype: str
+    question: str
+    answer: str
+    label: str  # the class: "3", "円", "赤", "はい"/"いいえ"; the caption for describe
+    colour: str | None = None  # the colour the question names, to keep later turns from leaking
+
+
+def _ask(
+    qtype: str,
+    scene: _Scene,
+    rng: np.random.Generator,
+    used_colours: frozenset[str] = frozenset(),
+    target: int | str | bool | None = None,
+) -> _QA | None:
+    """One question about `scene`; None when none fits (all candidate colours already used).
+
+    `used_colours`: colours an earlier turn asked about with shape_of_colour or yes_no; asking
+    about them again could be answered from that turn instead of the image.
+    """
+    shapes = scene.shapes
+    if qtype == "count":
+        n = len(shapes)
+        return _QA(qtype, "図形はいくつありますか？", f"{n}つです。", str(n))
+    if qtype == "shape_of_colour":
+        candidates = [s for s in shapes if s.colour not in used_colours]
+        if not candidates:
+            return None
+        s = candidates[int(rng.integers(len(candidates)))]
+        adjective = _COLOUR_BY_NAME[s.colour].adjective
+        return _QA(qtype, f"{adjective}図形はどんな形ですか？", f"{s.shape}です。", s.shape, s.colour)
+    if qtype == "colour_at_position":
+        s = shapes[int(rng.integers(len(shapes)))]
+        noun = _COLOUR_BY_NAME[s.colour].noun
+        return _QA(qtype, f"{s.position}にある図形は何色ですか？", f"{noun}です。", s.colour)
+    if qtype == "yes_no":
+        yes = bool(rng.random() < 0.5) if target is None else bool(target)
+        present = {(s.colour, s.shape) for s in shapes}
+        if yes:
+            pool = sorted(c for c in present if c[0] not in used_colours)
+        else:
+            absent = [
+                (c.name, shape)
+                for c in COLOURS
+                for shape in SHAPES
+                if (c.name, shape) not in present and c.name not in used_colours
+            ]
+            # Half the 'no' questions are near misses (a colour or a shape that is in the image) so
+            # the model must bind colour to shape; by symmetry every combination stays 50/50 yes/no.
+            colours_in = {c for c, _ in present}
+            shapes_in = {sh for _, sh in present}
+            near = [(c, sh) for c, sh in absent if c in colours_in or sh in shapes_in]
+            pool = near if near and rng.random() < 0.5 else absent
+        if not pool:
+            return None
+        colour, shape = pool[int(rng.integers(len(pool)))]
+        question = f"{_COLOUR_BY_NAME[colour].adjective}{shape}はありますか？"
+        return _QA(qtype, question, YES_ANSWER if yes else NO_ANSWER, "はい" if yes else "いいえ", colour)
+    if qtype == "describe":
+        text = caption(scene, int(rng.integers(4)))
+        return _QA(qtype, DESCRIBE_QUESTION, text, text)
+    raise ConfigError(f"unknown question type {qtype!r}; choose from {', '.join(QUESTION_TYPES)}, describe")
+
+
+def _conversation(scene: _Scene, rng: np.random.Generator, allow_describe: bool) -> list[_QA]:
+    """1-3 distinct questions about one scene; a describe turn, if any, comes last."""
+    n_turns = int(rng.integers(1, 4))
+    describe = allow_describe and bool(rng.random() < _DESCRIBE_RATE)
+    turns: list[_QA] = []
+    used: set[str] = set()
+    for _ in range(20):
+        if len(turns) >= n_turns - describe:
+            break
+        qa = _ask(QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))], scene, rng, frozenset(used))
+        if qa is None or any(t.question == qa.question for t in turns):
+            continue
+        if qa.qtype in ("shape_of_colour", "yes_no"):
+            used.add(qa.colour)
+        turns.append(qa)
+    if describe:
+        turns.append(_ask("describe", scene, rng))
+    return turns
+
+
+def _llava_conversation(turns: Sequence[_QA]) -> list[dict]:
+    out = []
+    for i, qa in enumerate(turns):
+        prefix = IMAGE_TOKEN + "\n" if i == 0 else ""
+        out.append({"from": "human", "value": prefix + qa.question})
+        out.append({"from": "gpt", "value": qa.answer})
+    return out
+
+
+def _condition_on_target(
+    scene: _Scene, qtype: str, target: str, rng: np.random.Generator
+) -> tuple[_Scene, int]:
+    """Give a random shape k the answer `target`; returns (edited scene, k) to ask about shape k.
+
+    This draws from the scene distribution conditioned on the answer, so a test set stratified
+    over answers has the same scenes as an unconditioned one, only exactly balanced.
+    """
+    shapes = list(scene.shapes)
+    k = int(rng.integers(len(shapes)))
+    if qtype == "shape_of_colour":
+        shapes[k] = replace(shapes[k], shape=target)
+    elif qtype == "colour_at_position":
+        # Colours stay distinct: if another shape has the target colour, the two swap colours.
+        for j, s in enumerate(shapes):
+            if j != k and s.colour == target:
+                shapes[j] = replace(s, colour=shapes[k].colour)
+        shapes[k] = replace(shapes[k], colour=target)
+    return replace(scene, shapes=tuple(shapes)), k
+
+
+def _test_plan(seed: int, n_test: int) -> list[tuple[str, object]]:
+    """(qtype, target answer) for each test item: question types in turn, answers balanced."""
+    rng = np.random.default_rng([seed, _TEST_PLAN_STREAM])
+    classes = {
+        "count": list(range(1, MAX_SHAPES + 1)),
+        "shape_of_colour": list(SHAPES),
+        "colour_at_position": [c.name for c in COLOURS],
+        "yes_no": [True, False],
+    }
+    targets = {}
+    for q, cls in classes.items():
+        n = len(range(QUESTION_TYPES.index(q), n_test, len(QUESTION_TYPES)))
+        t = [cls[i % len(cls)] for i in range(n)]
+        targets[q] = [t[int(i)] for i in rng.permutation(n)]
+    plan = []
+    for i in range(n_test):
+        q = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        plan.append((q, targets[q][i // len(QUESTION_TYPES)]))
+    return plan
+
+
+def _test_question(scene: _Scene, qtype: str, target, rng: np.random.Generator) -> tuple[_Scene, _QA]:
+    if qtype == "count":
+        return scene, _ask(qtype, scene, rng)
+    if qtype == "yes_no":
+        return scene, _ask(qtype, scene, rng, target=target)
+    scene, k = _condition_on_target(scene, qtype, target, rng)
+    # Ask about shape k: a one-shape view of the scene makes `_ask` choose it.
+    qa = _ask(qtype, replace(scene, shapes=(scene.shapes[k],)), rng)
+    return scene, qa
+
+
+# --------------------------------------------------------------------------- tokenizer
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 768):
+    """Train the world's tokenizer and wrap it as a transformers fast tokenizer.
+
+    Char-level BPE with tokens of at most 3 characters (uncapped BPE merges whole answers into
+    single tokens, which turns the task into classification), byte fallback (256 `<0xNN>` tokens
+    on top of `vocab_size`) so any text encodes, no normalizer and a fuse decoder so decoding gives
+    back the exact text. Special tokens: `<unk>`, `<pad>`, `<EOD|LLM-jp>` (eos), `<image>`.
+    Chat templates: `llm-jp-v1` (default) and `plain`.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True))
+    # Whitespace, digits and punctuation are pieces of their own; everything else (kana, kanji)
+    # is merged by BPE. Split keeps every character, so decoding is exact.
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(
+        Regex(r"\s|\d|[、。，．？！：「」（）:,.!?()]"), behavior="isolated"
+    )
+    tokenizer.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        max_token_length=3,
+        show_progress=False,
+        initial_alphabet=list("0123456789"),
+    )
+    specials = [*SPECIAL_TOKENS]
+
+    def strip_specials(items: Iterable[str]):
+        for text in items:
+            for token in specials:
+                text = text.replace(token, "\n")
+            yield text
+
+    tokenizer.train_from_iterator(strip_specials(texts), trainer)
+
+    # BpeTrainer has no byte-fallback alphabet: insert <0x00>..<0xFF> right after the special
+    # tokens (as llama-style tokenizers do) and renumber the rest; merges refer to strings.
+    data = json.loads(tokenizer.to_str())
+    learned = sorted(data["model"]["vocab"].items(), key=lambda kv: kv[1])
+    n_special = len(SPECIAL_TOKENS)
+    if [t for t, _ in learned[:n_special]] != specials:
+        raise RuntimeError("tokenizers placed the special tokens unexpectedly; cannot add byte tokens")
+    order = specials + [f"<0x{b:02X}>" for b in range(256)] + [t for t, _ in learned[n_special:]]
+    data["model"]["vocab"] = {t: i for i, t in enumerate(order)}
+    tokenizer = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
+
+    chat_templates = {"default": templates.JINJA_TEMPLATES["llm-jp-v1"], **templates.JINJA_TEMPLATES}
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN,
+        unk_token=UNK_TOKEN,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        chat_template=chat_templates,
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def _fixed_texts() -> list[str]:
+    """Every word of the world, so the tokenizer covers even ones a small world never draws."""
+    texts = [templates.LLM_JP_SYSTEM_PROMPT, templates.USER_ROLE_JA, templates.ASSISTANT_ROLE_JA]
+    texts += [f" {templates.USER_ROLE_JA}: ", f" {templates.ASSISTANT_ROLE_JA}: ", "0123456789"]
+    texts += [DESCRIBE_QUESTION, YES_ANSWER, NO_ANSWER, "図形はいくつありますか？"]
+    texts += [f"{n}つです。" for n in range(10)] + [f"{p}にある図形は何色ですか？" for p in POSITIONS]
+    for c in COLOURS:
+        texts += [f"{c.adjective}図形はどんな形ですか？", f"{c.noun}です。"]
+        texts += [f"{c.adjective}{s}はありますか？" for s in SHAPES]
+    texts += [f"{s}です。" for s in SHAPES]
+    return texts
+
+
+# --------------------------------------------------------------------------- the world
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    """Where a generated world's files are, and the chance level of each question type."""
+
+    root: Path
+    seed: int
+    image_size: int
+    n_train: int
+    n_test: int
+    images: Path
+    stage1: Path
+    stage3: Path
+    test: Path
+    pretrain_text: Path
+    tokenizer: Path
+    chance: dict[str, float]
+    test_chance: float  # mean chance over the test items: what guessing would score
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    # Low compression: the noise makes PNGs barely compressible anyway and level 1 is ~3x faster.
+    image.save(path, format="PNG", optimize=False, compress_level=1)
+
+
+def _prepare_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give generate_world a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "world.json").is_file():
+        raise ConfigError(
+            f"{out} is not empty and holds no world.json; choose an empty or new directory "
+            "(a world is only regenerated over an earlier world)"
+        )
+    # Regenerating over an earlier world: drop its images and tokenizer so nothing stale remains.
+    for name in ("images", "tokenizer"):
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+
+def generate_world(
+    out_dir: str | Path,
+    n_train: int,
+    n_test: int,
+    seed: int = 0,
+    image_size: int = 128,
+    progress: bool = True,
+    n_pretrain_text: int = 4000,
+    vocab_size: int = 768,
+) -> WorldInfo:
+    """Write the synthetic world (images, stage1/stage3/test JSON, pretraining text, tokenizer).
+
+    `image_size` is the side of the smallest (square) images; others are 1.25x square and 1.5:1 /
+    1:1.5. Test images come from their own random stream and never repeat a training image.
+    `n_pretrain_text` lines of text-only data (half captions, half chats about a captioned scene);
+    `vocab_size` excludes the 256 byte-fallback tokens. Same arguments -> byte-identical files.
+    """
+    for name, value, low in (
+        ("n_train", n_train, 1),
+        ("n_test", n_test, 0),
+        ("n_pretrain_text", n_pretrain_text, 0),
+    ):
+        if not isinstance(value, int) or value < low:
+            raise ConfigError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not isinstance(image_size, int) or image_size < 32:
+        raise ConfigError(f"image_size must be an integer >= 32 (pixels), got {image_size!r}")
+    out = Path(out_dir)
+    _prepare_out_dir(out)
+    start = time.perf_counter()
+
+    stage1, stage3, test = [], [], []
+    bar = tqdm(total=n_train + n_test, desc="synthetic world", unit="img", disable=not progress)
+    for i in range(n_train):
+        rng = np.random.default_rng([seed, _TRAIN_STREAM, i])
+        scene = _sample_scene(rng, image_size)
+        name = f"train_{i:06d}"
+        _save_png(_render(scene, rng), out / "images" / f"{name}.png")
+        scene_dict = scene.to_dict()
+        image = f"images/{name}.png"
+        cap = _ask("describe", scene, rng).answer
+        stage1.append(
+            {
+                "id": name,
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": f"{IMAGE_TOKEN}\n{DESCRIBE_QUESTION}"},
+                    {"from": "gpt", "value": cap},
+                ],
+                "scene": scene_dict,
+            }
+        )
+        turns = _conversation(scene, rng, allow_describe=True)
+        stage3.append(
+            {
+                "id": name,
+                "image": image,
+                "conversations": _llava_conversation(turns),
+                "qtypes": [t.qtype for t in turns],
+                "scene": scene_dict,
+            }
+        )
+        bar.update()
+    for i, (qtype, target) in enumerate(_test_plan(seed, n_test)):
+        rng = np.random.default_rng([seed, _TEST_STREAM, i])
+        scene = _sample_scene(rng, image_size, n_shapes=target if qtype == "count" else None)
+        scene, qa = _test_question(scene, qtype, target, rng)
+        name = f"test_{i:06d}"
+        _save_png(_render(scene, rng), out / "images" / f"{name}.png")
+        test.append(
+            {
+                "id": name,
+                "image": f"images/{name}.png",
+                "conversations": _llava_conversation([qa]),
+                "qtype": qtype,
+                "answer": qa.answer,
+                "label": qa.label,
+                "chance": CHANCE[qtype],
+                "scene": scene.to_dict(),
+            }
+        )
+        bar.update()
+    bar.close()
+
+    pretrain = []
+    for i in range(n_pretrain_text):
+        rng = np.random.default_rng([seed, _PRETRAIN_STREAM, i])
+        scene = _sample_scene(rng, image_size)
+        cap = caption(scene, int(rng.integers(4)))
+        if i % 2 == 0:
+            pretrain.append(cap)
+            continue
+        # The scene is given as text where a VLM's prompt holds <image>: the LLM learns to answer
+        # from a description of the scene before stage 1 replaces the description by an image.
+        messages = []
+        for j, qa in enumerate(_conversation(scene, rng, allow_describe=False)):
+            question = f"{cap}\n{qa.question}" if j == 0 else qa.question
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": qa.answer}]
+        pretrain.append(templates.render(messages, "llm-jp-v1", EOS_TOKEN))
+
+    _write_json(out / _FILES["stage1"], stage1)
+    _write_json(out / _FILES["stage3"], stage3)
+    _write_json(out / _FILES["test"], test)
+    with open(out / _FILES["pretrain_text"], "w", encoding="utf-8") as f:
+        for text in pretrain:
+            f.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+
+    def world_texts():
+        yield from _fixed_texts()
+        yield from pretrain
+        for record in (*stage1, *stage3, *test):
+            conv = record["conversations"]
+            yield templates.render(conv, "plain", EOS_TOKEN)
+            yield templates.render(conv, "llm-jp-v1", EOS_TOKEN)
+
+    tokenizer = train_tokenizer(world_texts(), vocab_size=vocab_size)
+    tokenizer.save_pretrained(out / _FILES["tokenizer"])
+
+    test_chance = float(np.mean([r["chance"] for r in test])) if test else 0.0
+    world = {
+        "version": _VERSION,
+        "seed": seed,
+        "image_size": image_size,
+        "n_train": n_train,
+        "n_test": n_test,
+        "n_pretrain_text": n_pretrain_text,
+        "image_sizes": sorted({(round(image_size * w), round(image_size * h)) for w, h in _ASPECTS}),
+        "files": _FILES,
+        "positions": list(POSITIONS),
+        "colours": [c.name for c in COLOURS],
+        "shapes": list(SHAPES),
+        "question_types": list(QUESTION_TYPES),
+        "chance": CHANCE,
+        "test_chance": test_chance,
+        "test_counts": {q: sum(r["qtype"] == q for r in test) for q in QUESTION_TYPES},
+        "vocab_size": len(tokenizer),
+    }
+    _write_json(out / "world.json", world)
+    logger.info(
+        "synthetic world: %d train + %d test images, %d text lines, vocab %d, test chance %.3f -> %s (%.1f s)",
+        n_train,
+        n_test,
+        n_pretrain_text,
+        len(tokenizer),
+        test_chance,
+        out,
+        time.perf_counter() - start,
+    )
+    return load_world_info(out)
+
+
+def load_world_info(world_dir: str | Path) -> WorldInfo:
+    """Read `world.json` of a generated world; DataError if it is missing, malformed or incomplete."""
+    root = Path(world_dir)
+    path = root / "world.json"
+    if not path.is_file():
+        raise DataError(f"{path} not found: generate the synthetic world there first (generate_world)")
+    try:
+        world = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}): {e.msg}; regenerate the world") from e
+    required = ("seed", "image_size", "n_train", "n_test", "files", "chance", "test_chance")
+    missing = [k for k in required if k not in world]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}; regenerate the world")
+    files = world["files"]
+    paths = {}
+    for key in _FILES:
+        if key not in files:
+            raise DataError(f"{path}: files.{key} is missing; regenerate the world")
+        paths[key] = root / files[key]
+        if not paths[key].exists():
+            raise DataError(f"{paths[key]} listed in {path} does not exist; regenerate the world")
+    return WorldInfo(
+        root=root,
+        seed=int(world["seed"]),
+        image_size=int(world["image_size"]),
+        n_train=int(world["n_train"]),
+        n_test=int(world["n_test"]),
+        chance={k: float(v) for k, v in world["chance"].items()},
+        test_chance=float(world["test_chance"]),
+        **paths,
+    )

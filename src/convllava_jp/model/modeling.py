@@ -1,0 +1,232 @@
+"""The ConvLLaVA-JP model: ConvNeXt (+ stage 5) -> MLP projector -> any HF causal LM.
+
+Reads like transformers' `modeling_llava.py`: image features are spliced into the LLM's input
+embeddings with one `masked_scatter` at the image-placeholder positions. The three parts are
+ordinary HF modules, so save/load, `generate`, gradient checkpointing, peft and accelerate work
+as they do for any HF model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers import AutoModelForCausalLM, ConvNextModel, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from ..errors import ConfigError, TemplateError
+from .configuration import PROJECTOR_TYPES_HELP, ConvLlavaConfig
+
+_MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
+
+
+def build_projector(projector_type: str, vision_hidden_size: int, text_hidden_size: int) -> nn.Sequential:
+    """LLaVA's projectors: `linear`, or `mlpNx_gelu` = N Linear layers with GELU between them.
+
+    `mlp2x_gelu` is Linear(C, d) -> GELU -> Linear(d, d); keys `0.*` and `2.*` as in LLaVA.
+    """
+    if projector_type == "linear":
+        return nn.Sequential(nn.Linear(vision_hidden_size, text_hidden_size))
+    match = _MLP_RE.match(projector_type)
+    if not match or int(match.group(1)) < 1:
+        raise ConfigError(f"unknown projector type {projector_type!r}; choose from {PROJECTOR_TYPES_HELP}")
+    layers: list[nn.Module] = [nn.Linear(vision_hidden_size, text_hidden_size)]
+    for _ in range(int(match.group(1)) - 1):
+        layers += [nn.GELU(), nn.Linear(text_hidden_size, text_hidden_size)]
+    return nn.Sequential(*layers)
+
+
+class ConvLlavaPreTrainedModel(PreTrainedModel):
+    config: ConvLlavaConfig
+    config_class = ConvLlavaConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["ConvNextStage", "GPT2Block", "LlamaDecoderLayer", "GPTNeoXLayer"]
+
+
+class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixin):
+    """ConvLLaVA: `vision_tower` (ConvNextModel) + `projector` + `language_model` (a causal LM)."""
+
+    def __init__(self, config: ConvLlavaConfig):
+        super().__init__(config)
+        self.vision_tower = ConvNextModel(config.vision_config)
+        # ConvLLaVA uses the last stage's feature map; the pooled-output norm would be an unused
+        # parameter (DDP complains about those), so it is not built.
+        self.vision_tower.layernorm = nn.Identity()
+        self._set_stage5_drop_path(config)
+        self.projector = build_projector(
+            config.projector_type, config.vision_hidden_size, config.text_config.hidden_size
+        )
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self._vision_checkpointing = False
+        self.post_init()
+
+    def _set_stage5_drop_path(self, config: ConvLlavaConfig) -> None:
+        rates = config.stage5_drop_path_rates
+        stages = self.vision_tower.encoder.stages
+        if not rates or len(stages) <= config.trunk_stages:
+            return
+        from transformers.models.convnext.modeling_convnext import ConvNextDropPath
+
+        for stage in stages[config.trunk_stages :]:
+            n = len(stage.layers)
+            step = (rates[-1] - rates[0]) / (n - 1) if n > 1 else 0.0
+            values = [rates[-1]] if n == 1 else [rates[0] + step * j for j in range(n)]
+            for layer, p in zip(stage.layers, values):
+                layer.drop_path = ConvNextDropPath(p) if p > 0 else nn.Identity()
+
+    # --- HF plumbing -------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self):
+        return self.language_model.get_decoder()
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        # ConvNextModel has no checkpointing of its own: checkpoint each ConvNeXt stage here.
+        self._vision_checkpointing = enable
+        if enable:
+            self.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        else:
+            self.language_model.gradient_checkpointing_disable()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
+        self._set_gradient_checkpointing(True)
+        if getattr(self, "_hf_peft_config_loaded", False) or self.training:
+            # frozen input embeddings would leave checkpointed blocks without grad inputs
+            self.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self._set_gradient_checkpointing(False)
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self._vision_checkpointing
+
+    # --- vision ------------------------------------------------------------------------------
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> stage-5 feature map flattened row-major: (B, H/s * W/s, C)."""
+        vt = self.vision_tower
+        hidden = vt.embeddings(pixel_values.to(dtype=vt.embeddings.patch_embeddings.weight.dtype))
+        for stage in vt.encoder.stages:
+            if self._vision_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(stage, hidden, use_reentrant=False)
+            else:
+                hidden = stage(hidden)
+        return hidden.flatten(2).transpose(1, 2)
+
+    def get_image_features(self, pixel_values: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """Projected image tokens of all images, concatenated in order: (sum_i N_i, d).
+
+        `pixel_values` is a batch (B, 3, H, W) or a list of (3, H_i, W_i) images of any sizes;
+        images of the same size are encoded together.
+        """
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
+            feats = self.encode_images(pixel_values)
+            return self.projector(feats).flatten(0, 1)
+        images = list(pixel_values)
+        if not images:
+            return torch.zeros(0, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, img in enumerate(images):
+            if img.ndim != 3:
+                raise ConfigError(f"image {i}: expected a (3, H, W) tensor, got shape {tuple(img.shape)}")
+            groups.setdefault(tuple(img.shape[-2:]), []).append(i)
+        per_image: list[torch.Tensor | None] = [None] * len(images)
+        for idx in groups.values():
+            feats = self.projector(self.encode_images(torch.stack([images[i] for i in idx])))
+            for j, i in enumerate(idx):
+                per_image[i] = feats[j]
+        return torch.cat(per_image, dim=0)  # type: ignore[arg-type]
+
+    def splice_image_features(
+        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | Sequence[torch.Tensor] | None
+    ) -> torch.Tensor:
+        """Input embeddings (B, T, d) with the image placeholders replaced by image tokens.
+
+        One `masked_scatter`: the k-th placeholder (row-major over the batch) gets the k-th image
+        token, so images must be listed in the order their `<image>` tags appear.
+        """
+        image_mask = input_ids == self.config.image_token_id
+        embed = self.get_input_embeddings()
+        # Placeholder ids may lie outside the vocabulary: never look them up.
+        inputs_embeds = embed(input_ids.masked_fill(image_mask, 0))
+        n_placeholders = int(image_mask.sum())
+        if pixel_values is None or (not isinstance(pixel_values, torch.Tensor) and len(pixel_values) == 0):
+            if n_placeholders:
+                raise TemplateError(f"input has {n_placeholders} image placeholder tokens but no images")
+            return inputs_embeds
+        image_features = self.get_image_features(pixel_values)
+        if image_features.shape[0] != n_placeholders:
+            raise TemplateError(
+                f"image placeholders and image features do not match: {n_placeholders} placeholder tokens, "
+                f"{image_features.shape[0]} image tokens from the images given"
+            )
+        return inputs_embeds.masked_scatter(
+            image_mask.unsqueeze(-1), image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+        )
+
+    # --- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """input_ids (B, T) with placeholders; pixel_values (B, 3, H, W) or a list of (3, H, W).
+
+        labels (B, T) with -100 where not supervised; the shift happens inside the LLM's loss.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.splice_image_features(input_ids, pixel_values)
+        if "past_key_values" in kwargs and cache is None:
+            cache = kwargs.pop("past_key_values")
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            labels=labels,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+def parameter_counts(model: ConvLlavaForConditionalGeneration) -> dict[str, int]:
+    """Parameters per part: vision_trunk (stages 1..trunk_stages), stage5 (added stages), projector, llm."""
+    trunk_stages = model.config.trunk_stages
+    counts = {"vision_trunk": 0, "stage5": 0, "projector": 0, "llm": 0}
+    for name, p in model.vision_tower.named_parameters():
+        added = name.startswith("encoder.stages.") and int(name.split(".")[2]) >= trunk_stages
+        counts["stage5" if added else "vision_trunk"] += p.numel()
+    counts["projector"] = sum(p.numel() for p in model.projector.parameters())
+    counts["llm"] = sum(p.numel() for p in model.language_model.parameters())
+    counts["total"] = sum(counts.values())
+    return counts
