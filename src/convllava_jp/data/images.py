@@ -48,6 +48,10 @@ DEFAULT_STRIDE = 64  # ConvNeXt with stage 5: one image token per 64x64 pixels
 # long, thin image would otherwise need gigabytes, so beyond it the image is shrunk first.
 _PAD_CANVAS_LIMIT = 64_000_000
 
+# `crop` resizes the whole image before cropping (as open_clip) up to this many pixels; beyond it
+# (very long, thin images) only the kept region is resampled.
+_RESIZE_LIMIT = 64_000_000
+
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
@@ -101,6 +105,8 @@ def load_image(
         with warnings.catch_warnings():
             # PIL warns (then errors at twice the size) about decompression bombs while reading the
             # header; make the warning an exception too, so it becomes a clean ImageError below.
+            # (catch_warnings is process-wide before Python 3.14: a race between threads can at
+            # worst leave this one "error" filter installed, i.e. PIL stays strict.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(fp)
     except FileNotFoundError:
@@ -288,13 +294,9 @@ def check_preprocess_options(size: ImageSize, mode: str, stride: int) -> tuple[i
 def _resize_cover_and_center_crop(image: Image.Image, target: tuple[int, int]) -> Image.Image:
     """open_clip's eval transform: resize to cover ``target`` (bicubic), center crop to it.
 
-    The sizes and offsets are those of open_clip's ops: a square target uses torchvision's
-    ``Resize(int)`` (short side = target, long side ``int()``-truncated), a non-square one
-    open_clip's ``ResizeKeepRatio`` (both sides ``round()``-ed), then torchvision's
-    ``CenterCrop`` (offsets ``int(round(excess / 2))``). torchvision resizes a PIL image with
-    ``Image.resize(size, BICUBIC)``; here the same call is given a ``box`` so it only computes the
-    pixels the crop keeps: the same filter and sample positions, but an extreme aspect ratio (1x5000)
-    no longer builds a gigapixel intermediate image.
+    Same ops as open_clip: a square target uses torchvision's ``Resize(int)`` (short side = target,
+    long side ``int()``-truncated), a non-square one open_clip's ``ResizeKeepRatio`` (both sides
+    ``round()``-ed); then torchvision's ``CenterCrop`` (offsets ``int(round(excess / 2))``).
     """
     target_h, target_w = target
     width, height = image.size
@@ -305,18 +307,39 @@ def _resize_cover_and_center_crop(image: Image.Image, target: tuple[int, int]) -
     else:
         ratio = min(height / target_h, width / target_w)
         resized_h, resized_w = round(height / ratio), round(width / ratio)
+    if resized_w * resized_h <= _RESIZE_LIMIT:
+        resized = _resize_exact(image, (resized_h, resized_w))
+        return TF.center_crop(resized, [target_h, target_w])
+    # A long, thin image (say 400x20000 to 1536) would need a huge resized copy: resample only the
+    # region the crop keeps. Same filter and sample positions; may differ by one grey level.
     top = int(round((resized_h - target_h) / 2.0))
     left = int(round((resized_w - target_w) / 2.0))
-    if (resized_w, resized_h) == (width, height):  # torchvision skips the resize too
-        return image.crop((left, top, left + target_w, top + target_h))
     scale_x, scale_y = width / resized_w, height / resized_h
-    box = (
-        left * scale_x,
-        top * scale_y,
-        min(width, (left + target_w) * scale_x),
-        min(height, (top + target_h) * scale_y),
+    box = (left * scale_x, top * scale_y, (left + target_w) * scale_x, (top + target_h) * scale_y)
+    return _resample_region(image, box, (target_w, target_h))
+
+
+def _resample_region(
+    image: Image.Image, box: tuple[float, float, float, float], out_size: tuple[int, int]
+) -> Image.Image:
+    """``image.resize(out_size, BICUBIC, box=box)``, reading only the source pixels it needs.
+
+    Done as two one-axis passes (horizontal first, as Pillow does) on a crop around ``box``: Pillow
+    13's own two-axis ``box`` path gives RGB results up to ~20 grey levels away from a full resize.
+    """
+    x0, y0, x1, y1 = box
+    out_w, out_h = out_size
+    # Bicubic reads 2 pixels either side, times the scale when downsampling; +1 for rounding.
+    margin_x = 2 * max((x1 - x0) / out_w, 1.0) + 1
+    margin_y = 2 * max((y1 - y0) / out_h, 1.0) + 1
+    left, top = max(0, math.floor(x0 - margin_x)), max(0, math.floor(y0 - margin_y))
+    right = min(image.width, math.ceil(x1 + margin_x))
+    bottom = min(image.height, math.ceil(y1 + margin_y))
+    region = image.crop((left, top, right, bottom))
+    region = region.resize(
+        (out_w, region.height), Image.Resampling.BICUBIC, box=(x0 - left, 0, x1 - left, region.height)
     )
-    return image.resize((target_w, target_h), Image.Resampling.BICUBIC, box=box)
+    return region.resize((out_w, out_h), Image.Resampling.BICUBIC, box=(0, y0 - top, out_w, y1 - top))
 
 
 def _pad_to_aspect_and_resize(

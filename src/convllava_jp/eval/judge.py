@@ -227,7 +227,7 @@ def judge_one(
             logger.error("judge request failed after %d attempts: %s", result["attempts"], error)
             result["error"] = error
             return result
-        delay = cfg.backoff_s
+        delay = cfg.backoff_s * 2**retries
         logger.warning(
             "judge request failed (%s); retry %d/%d in %.2fs", error, retries + 1, cfg.max_retries, delay
         )
