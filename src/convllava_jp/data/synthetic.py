@@ -29,13 +29,18 @@ import logging
 import math
 import shutil
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from PIL import Image, ImageDraw
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerFast
 
 from ..errors import ConfigError, DataError
 from . import templates
@@ -91,34 +96,39 @@ DESCRIBE_QUESTION = "画像を説明してください。"
 YES_ANSWER = "はい、あります。"
 NO_ANSWER = "いいえ、ありません。"
 
-CHANCE = {
-    "count": 1 / MAX_SHAPES,
-    "shape_of_colour": 1 / len(SHAPES),
-    "colour_at_position": 1 / len(COLOURS),
-    "yes_no": 1 / 2,
-}
+# Chance level of each question type: one over its number of possible answers.
+CHANCE = MappingProxyType(
+    {
+        "count": 1 / MAX_SHAPES,
+        "shape_of_colour": 1 / len(SHAPES),
+        "colour_at_position": 1 / len(COLOURS),
+        "yes_no": 1 / 2,
+    }
+)
 
 # Image sizes as multiples of `image_size` (width, height). The grid is the image's quadrants, so
 # "pad" preprocessing (centre on a square, then resize) keeps every shape in its quadrant.
 _ASPECTS = ((1.0, 1.0), (1.25, 1.25), (1.5, 1.0), (1.0, 1.5))
-_RADIUS = {"large": 0.16, "small": 0.105}  # of the image's short side
-_EXTENT = 1.15  # a shape's farthest point from its centre, in radii (star tips, rotated squares)
+_RADIUS = MappingProxyType({"large": 0.16, "small": 0.105})  # of the image's short side
+_EXTENT = 1.21  # a shape's farthest point from its centre, in radii (a square's corners)
 _DESCRIBE_RATE = 0.25  # share of stage-3 conversations that end with a describe turn
 _NOISE = 4  # +- grey levels of pixel noise
 _VERSION = 1
 
 # Independent random streams: each image / record draws from default_rng([seed, stream, index]).
-_TRAIN_STREAM, _TEST_STREAM, _PRETRAIN_STREAM, _TEST_PLAN_STREAM, _TEXT_STREAM = range(5)
+_TRAIN_STREAM, _TEST_STREAM, _PRETRAIN_STREAM, _TEST_PLAN_STREAM = range(4)
 
-_COLOUR_BY_NAME = {c.name: c for c in COLOURS}
-_FILES = {
-    "images": "images",
-    "stage1": "stage1.json",
-    "stage3": "stage3.json",
-    "test": "test.json",
-    "pretrain_text": "pretrain_text.jsonl",
-    "tokenizer": "tokenizer",
-}
+_COLOUR_BY_NAME = MappingProxyType({c.name: c for c in COLOURS})
+_FILES = MappingProxyType(
+    {
+        "images": "images",
+        "stage1": "stage1.json",
+        "stage3": "stage3.json",
+        "test": "test.json",
+        "pretrain_text": "pretrain_text.jsonl",
+        "tokenizer": "tokenizer",
+    }
+)
 
 
 # --------------------------------------------------------------------------- scenes
@@ -222,7 +232,9 @@ def _render(scene: _Scene, rng: np.random.Generator) -> Image.Image:
         else:
             draw.polygon(_polygon(s.shape, cx, cy, s.radius, s.angle), fill=s.rgb)
     pixels = np.asarray(image, dtype=np.int16)
-    noise = rng.integers(-_NOISE, _NOISE + 1, pixels.shape, dtype=np.int16)
+    # Brightness noise (one value per pixel for all channels): as good a nuisance as colour noise
+    # and half the PNG size and encoding time.
+    noise = rng.integers(-_NOISE, _NOISE + 1, (*pixels.shape[:2], 1), dtype=np.int16)
     return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))
 
 
@@ -230,11 +242,13 @@ def _render(scene: _Scene, rng: np.random.Generator) -> Image.Image:
 
 
 def caption(scene: _Scene | dict, variant: int = 0) -> str:
-    """The scene in one Japanese sentence, shapes in grid order; `variant` (0-3) picks the phrasing.
+    """A scene (a record's "scene" dict) in one Japanese sentence, shapes in grid order.
 
-    >>> caption(scene)  # doctest: +SKIP
-    '左上に赤い円、右下に青い四角があります。'
+    `variant` 0-3 picks the phrasing: 0 '左上に赤い円、右下に青い四角があります。',
+    1 '左上に赤い円があり、右下に…', 2 '画像には左上に…', 3 '図形は2つで、左上に…'.
     """
+    if variant not in range(4):
+        raise ConfigError(f"caption variant must be 0, 1, 2 or 3, got {variant!r}")
     shapes = scene["shapes"] if isinstance(scene, dict) else [s.to_dict() for s in scene.shapes]
     parts = [f"{s['position']}に{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in shapes]
     if variant == 1:
@@ -284,23 +298,30 @@ def _ask(
         noun = _COLOUR_BY_NAME[s.colour].noun
         return _QA(qtype, f"{s.position}にある図形は何色ですか？", f"{noun}です。", s.colour)
     if qtype == "yes_no":
-        yes = bool(rng.random() < 0.5) if target is None else bool(target)
         present = {(s.colour, s.shape) for s in shapes}
-        if yes:
-            pool = sorted(c for c in present if c[0] not in used_colours)
+        yes_pool = sorted(c for c in present if c[0] not in used_colours)
+        no_pool = [
+            (c.name, shape)
+            for c in COLOURS
+            for shape in SHAPES
+            if (c.name, shape) not in present and c.name not in used_colours
+        ]
+        if target is None:
+            # Only ask when both answers are possible, so dropping a question never tilts yes/no.
+            if not yes_pool or not no_pool:
+                return None
+            yes = bool(rng.random() < 0.5)
         else:
-            absent = [
-                (c.name, shape)
-                for c in COLOURS
-                for shape in SHAPES
-                if (c.name, shape) not in present and c.name not in used_colours
-            ]
+            yes = bool(target)
+        if not yes:
             # Half the 'no' questions are near misses (a colour or a shape that is in the image) so
             # the model must bind colour to shape; by symmetry every combination stays 50/50 yes/no.
             colours_in = {c for c, _ in present}
             shapes_in = {sh for _, sh in present}
-            near = [(c, sh) for c, sh in absent if c in colours_in or sh in shapes_in]
-            pool = near if near and rng.random() < 0.5 else absent
+            near = [(c, sh) for c, sh in no_pool if c in colours_in or sh in shapes_in]
+            if near and rng.random() < 0.5:
+                no_pool = near
+        pool = yes_pool if yes else no_pool
         if not pool:
             return None
         colour, shape = pool[int(rng.integers(len(pool)))]
@@ -313,18 +334,21 @@ def _ask(
 
 
 def _conversation(scene: _Scene, rng: np.random.Generator, allow_describe: bool) -> list[_QA]:
-    """1-3 distinct questions about one scene; a describe turn, if any, comes last."""
+    """1-3 turns about one scene, each of a different question type; a describe turn comes last.
+
+    The question types are drawn before looking at the scene, so how often a type is asked does
+    not depend on the scene and its answers stay balanced (count: as often "1つ" as "4つ").
+    """
     n_turns = int(rng.integers(1, 4))
     describe = allow_describe and bool(rng.random() < _DESCRIBE_RATE)
+    qtypes = [QUESTION_TYPES[int(k)] for k in rng.permutation(len(QUESTION_TYPES))[: n_turns - describe]]
     turns: list[_QA] = []
     used: set[str] = set()
-    for _ in range(20):
-        if len(turns) >= n_turns - describe:
-            break
-        qa = _ask(QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))], scene, rng, frozenset(used))
-        if qa is None or any(t.question == qa.question for t in turns):
+    for qtype in qtypes:
+        qa = _ask(qtype, scene, rng, frozenset(used))
+        if qa is None:  # its colours are all taken by an earlier turn (see `_ask`)
             continue
-        if qa.qtype in ("shape_of_colour", "yes_no"):
+        if qa.colour is not None:
             used.add(qa.colour)
         turns.append(qa)
     if describe:
@@ -397,7 +421,7 @@ def _test_question(scene: _Scene, qtype: str, target, rng: np.random.Generator) 
 # --------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 768):
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> PreTrainedTokenizerFast:
     """Train the world's tokenizer and wrap it as a transformers fast tokenizer.
 
     Char-level BPE with tokens of at most 3 characters (uncapped BPE merges whole answers into
@@ -406,9 +430,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 768):
     back the exact text. Special tokens: `<unk>`, `<pad>`, `<EOD|LLM-jp>` (eos), `<image>`.
     Chat templates: `llm-jp-v1` (default) and `plain`.
     """
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True))
     # Whitespace, digits and punctuation are pieces of their own; everything else (kana, kanji)
     # is merged by BPE. Split keeps every character, so decoding is exact.
@@ -491,13 +512,33 @@ class WorldInfo:
     test_chance: float  # mean chance over the test items: what guessing would score
 
 
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+def _write_json(path: Path, records: list[dict]) -> None:
+    # A JSON list with one record a line: readable, diffable, and written by json's C encoder
+    # (indent= would switch to the pure-Python one, 10x slower).
+    lines = ",\n".join(json.dumps(r, ensure_ascii=False) for r in records)
+    path.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
-def _save_png(image: Image.Image, path: Path) -> None:
-    # Low compression: the noise makes PNGs barely compressible anyway and level 1 is ~3x faster.
-    image.save(path, format="PNG", optimize=False, compress_level=1)
+class _PngWriter:
+    """Encodes PNGs on worker threads (PIL releases the GIL while compressing, the slow part)."""
+
+    def __init__(self, workers: int = 2, max_pending: int = 64):
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._pending: deque[Future] = deque()
+        self._max_pending = max_pending
+
+    def save(self, image: Image.Image, path: Path) -> None:
+        if len(self._pending) >= self._max_pending:
+            self._pending.popleft().result()
+        # Low compression: the noise makes PNGs barely compressible and level 1 is ~3x faster.
+        self._pending.append(
+            self._pool.submit(image.save, path, format="PNG", optimize=False, compress_level=1)
+        )
+
+    def close(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()  # re-raises a failed write (disk full, permissions)
+        self._pool.shutdown()
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -513,6 +554,86 @@ def _prepare_out_dir(out: Path) -> None:
         if (out / name).is_dir():
             shutil.rmtree(out / name)
     (out / "images").mkdir(parents=True, exist_ok=True)
+
+
+def _train_split(
+    out: Path, n: int, seed: int, image_size: int, writer: _PngWriter, bar: tqdm
+) -> tuple[list[dict], list[dict]]:
+    """Draw and save the training images; return their stage-1 and stage-3 records."""
+    stage1, stage3 = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, _TRAIN_STREAM, i])
+        scene = _sample_scene(rng, image_size)
+        name = f"train_{i:06d}"
+        writer.save(_render(scene, rng), out / "images" / f"{name}.png")
+        scene_dict = scene.to_dict()
+        image = f"images/{name}.png"
+        describe = _ask("describe", scene, rng)
+        stage1.append(
+            {
+                "id": name,
+                "image": image,
+                "conversations": _llava_conversation([describe]),
+                "scene": scene_dict,
+            }
+        )
+        turns = _conversation(scene, rng, allow_describe=True)
+        stage3.append(
+            {
+                "id": name,
+                "image": image,
+                "conversations": _llava_conversation(turns),
+                "qtypes": [t.qtype for t in turns],
+                "scene": scene_dict,
+            }
+        )
+        bar.update()
+    return stage1, stage3
+
+
+def _test_split(out: Path, n: int, seed: int, image_size: int, writer: _PngWriter, bar: tqdm) -> list[dict]:
+    """Draw and save the held-out images (own random stream); one balanced question each."""
+    test = []
+    for i, (qtype, target) in enumerate(_test_plan(seed, n)):
+        rng = np.random.default_rng([seed, _TEST_STREAM, i])
+        scene = _sample_scene(rng, image_size, n_shapes=target if qtype == "count" else None)
+        scene, qa = _test_question(scene, qtype, target, rng)
+        name = f"test_{i:06d}"
+        writer.save(_render(scene, rng), out / "images" / f"{name}.png")
+        test.append(
+            {
+                "id": name,
+                "image": f"images/{name}.png",
+                "conversations": _llava_conversation([qa]),
+                "qtype": qtype,
+                "answer": qa.answer,
+                "label": qa.label,
+                "chance": CHANCE[qtype],
+                "scene": scene.to_dict(),
+            }
+        )
+        bar.update()
+    return test
+
+
+def _pretrain_texts(n: int, seed: int, image_size: int) -> list[str]:
+    """Text-only lines about scenes that have no image: captions, and chats about a caption."""
+    texts = []
+    for i in range(n):
+        rng = np.random.default_rng([seed, _PRETRAIN_STREAM, i])
+        scene = _sample_scene(rng, image_size)
+        cap = caption(scene, int(rng.integers(4)))
+        if i % 2 == 0:
+            texts.append(cap)
+            continue
+        # The caption stands where a VLM's prompt holds <image>: the LLM learns to answer from a
+        # description of the scene before stage 1 puts an image's tokens in its place.
+        messages = []
+        for j, qa in enumerate(_conversation(scene, rng, allow_describe=False)):
+            question = f"{cap}\n{qa.question}" if j == 0 else qa.question
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": qa.answer}]
+        texts.append(templates.render(messages, "llm-jp-v1", EOS_TOKEN))
+    return texts
 
 
 def generate_world(
@@ -545,74 +666,15 @@ def generate_world(
     _prepare_out_dir(out)
     start = time.perf_counter()
 
-    stage1, stage3, test = [], [], []
     bar = tqdm(total=n_train + n_test, desc="synthetic world", unit="img", disable=not progress)
-    for i in range(n_train):
-        rng = np.random.default_rng([seed, _TRAIN_STREAM, i])
-        scene = _sample_scene(rng, image_size)
-        name = f"train_{i:06d}"
-        _save_png(_render(scene, rng), out / "images" / f"{name}.png")
-        scene_dict = scene.to_dict()
-        image = f"images/{name}.png"
-        cap = _ask("describe", scene, rng).answer
-        stage1.append(
-            {
-                "id": name,
-                "image": image,
-                "conversations": [
-                    {"from": "human", "value": f"{IMAGE_TOKEN}\n{DESCRIBE_QUESTION}"},
-                    {"from": "gpt", "value": cap},
-                ],
-                "scene": scene_dict,
-            }
-        )
-        turns = _conversation(scene, rng, allow_describe=True)
-        stage3.append(
-            {
-                "id": name,
-                "image": image,
-                "conversations": _llava_conversation(turns),
-                "qtypes": [t.qtype for t in turns],
-                "scene": scene_dict,
-            }
-        )
-        bar.update()
-    for i, (qtype, target) in enumerate(_test_plan(seed, n_test)):
-        rng = np.random.default_rng([seed, _TEST_STREAM, i])
-        scene = _sample_scene(rng, image_size, n_shapes=target if qtype == "count" else None)
-        scene, qa = _test_question(scene, qtype, target, rng)
-        name = f"test_{i:06d}"
-        _save_png(_render(scene, rng), out / "images" / f"{name}.png")
-        test.append(
-            {
-                "id": name,
-                "image": f"images/{name}.png",
-                "conversations": _llava_conversation([qa]),
-                "qtype": qtype,
-                "answer": qa.answer,
-                "label": qa.label,
-                "chance": CHANCE[qtype],
-                "scene": scene.to_dict(),
-            }
-        )
-        bar.update()
-    bar.close()
-
-    pretrain = []
-    for i in range(n_pretrain_text):
-        rng = np.random.default_rng([seed, _PRETRAIN_STREAM, i])
-        scene = _sample_scene(rng, image_size)
-        cap = caption(scene, int(rng.integers(4)))
-        if i % 2 == 0:
-            pretrain.append(cap)
-            continue
-        # The scene is given as text where a VLM's prompt holds <image>: the LLM learns to answer
-        # from a description of the scene before stage 1 replaces the description by an image.
-        messages = []
-        for j, qa in enumerate(_conversation(scene, rng, allow_describe=False)):
-            question = f"{cap}\n{qa.question}" if j == 0 else qa.question
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": qa.answer}]
-        pretrain.append(templates.render(messages, "llm-jp-v1", EOS_TOKEN))
+    writer = _PngWriter()
+    try:
+        stage1, stage3 = _train_split(out, n_train, seed, image_size, writer, bar)
+        test = _test_split(out, n_test, seed, image_size, writer, bar)
+    finally:
+        writer.close()
+        bar.close()
+    pretrain = _pretrain_texts(n_pretrain_text, seed, image_size)
 
     _write_json(out / _FILES["stage1"], stage1)
     _write_json(out / _FILES["stage3"], stage3)
@@ -641,17 +703,17 @@ def generate_world(
         "n_test": n_test,
         "n_pretrain_text": n_pretrain_text,
         "image_sizes": sorted({(round(image_size * w), round(image_size * h)) for w, h in _ASPECTS}),
-        "files": _FILES,
+        "files": dict(_FILES),
         "positions": list(POSITIONS),
         "colours": [c.name for c in COLOURS],
         "shapes": list(SHAPES),
         "question_types": list(QUESTION_TYPES),
-        "chance": CHANCE,
+        "chance": dict(CHANCE),
         "test_chance": test_chance,
         "test_counts": {q: sum(r["qtype"] == q for r in test) for q in QUESTION_TYPES},
         "vocab_size": len(tokenizer),
     }
-    _write_json(out / "world.json", world)
+    (out / "world.json").write_text(json.dumps(world, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     logger.info(
         "synthetic world: %d train + %d test images, %d text lines, vocab %d, test chance %.3f -> %s (%.1f s)",
         n_train,
