@@ -1,0 +1,226 @@
+"""Recipes: one YAML file per model, one section per stage, overridable with `--set key=value`.
+
+```yaml
+name: convllava-jp-1.3b-768
+model: {preset: convllava-jp-1.3b-768, llm: llm-jp/llm-jp-1.3b-v1.0, vision: hf-hub:...}
+output_dir: runs/convllava-jp-1.3b-768
+defaults: {lr: 2.0e-5, per_device_batch: 8, ...}      # applied to every stage
+stages:
+  "1": {data: [{path: ..., image_root: ...}], template: plain, trainable: [stage5, projector], lr: 3.0e-4}
+```
+Paths may use `{name}` variables from the recipe's `vars:` section (and `{recipe_dir}`).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..errors import ConfigError
+
+TRAINABLE_NAMES = ("stage5", "vision", "projector", "llm")
+OPTIMIZERS = ("adamw", "adamw_8bit")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass
+class DataSpec:
+    path: str
+    image_root: str | None = None
+    text_field: str = "value"
+    max_samples: int | None = None
+    repeat: int = 1
+
+
+@dataclass
+class StageConfig:
+    """Everything one training stage needs; the recipe's `defaults` fill what a stage leaves out."""
+
+    name: str
+    data: list[DataSpec]
+    template: str = "llm-jp-v1"
+    trainable: list[Any] = field(default_factory=lambda: ["projector"])
+    lr: float = 2e-5
+    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    epochs: float = 1.0
+    max_steps: int = -1
+    per_device_batch: int = 8
+    grad_accum: int = 1
+    global_batch: int | None = None
+    optimizer: str = "adamw"
+    precision: str = "auto"
+    gradient_checkpointing: bool = True
+    max_length: int = 1532
+    save_steps: int = 0
+    save_total_limit: int | None = 2
+    logging_steps: int = 10
+    num_workers: int = 2
+    max_bad_fraction: float = 0.01
+    max_grad_norm: float = 1.0
+    lora: dict | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
+        if not self.data:
+            raise ConfigError(f"stage {self.name}: `data` lists no dataset")
+        for t in self.trainable:
+            key = next(iter(t)) if isinstance(t, dict) else t
+            if key not in (*TRAINABLE_NAMES, "vision_from_stage"):
+                raise ConfigError(
+                    f"stage {self.name}: unknown trainable module {t!r}; "
+                    f"choose from {', '.join(TRAINABLE_NAMES)} or {{vision_from_stage: N}}"
+                )
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"stage {self.name}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"stage {self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.template not in ("plain", "llm-jp-v1"):
+            raise ConfigError(f"stage {self.name}: template must be plain or llm-jp-v1, got {self.template!r}")
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Accumulation steps so that per_device_batch x accumulation x world size = global_batch."""
+        if not self.global_batch:
+            return self.grad_accum
+        per_step = self.per_device_batch * world_size
+        if self.global_batch % per_step:
+            raise ConfigError(
+                f"stage {self.name}: global_batch {self.global_batch} is not a multiple of "
+                f"per_device_batch {self.per_device_batch} x world size {world_size}"
+            )
+        return self.global_batch // per_step
+
+
+@dataclass
+class ModelSpec:
+    preset: str = "tiny"
+    llm: str | None = None
+    vision: str | None = None
+    tokenizer: str | None = None
+    init: str | None = None  # an existing model dir to start from instead of building one
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec
+    output_dir: str
+    stages: dict[str, StageConfig]
+    description: str = ""
+    path: str | None = None
+
+    def stage_names(self) -> list[str]:
+        return sorted(self.stages, key=lambda s: (len(s), s))
+
+    def select(self, which: str) -> list[str]:
+        """`all` -> every stage in order; `2` -> ["2"]; `1,3` or `2-3` -> those."""
+        names = self.stage_names()
+        if which == "all":
+            return names
+        chosen: list[str] = []
+        for part in which.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                chosen += [n for n in names if names.index(lo) <= names.index(n) <= names.index(hi)] if (
+                    lo in names and hi in names
+                ) else []
+            elif part in names:
+                chosen.append(part)
+            else:
+                raise ConfigError(f"recipe {self.name} has no stage {part!r}; stages: {', '.join(names)}")
+        if not chosen:
+            raise ConfigError(f"no stage selected by {which!r}; stages: {', '.join(names)}")
+        return chosen
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        if not isinstance(node.get(k), dict):
+            node[k] = {}
+        node = node[k]
+    node[keys[-1]] = value
+
+
+def _substitute(obj: Any, variables: dict[str, str]) -> Any:
+    if isinstance(obj, str):
+        try:
+            return obj.format(**variables) if "{" in obj else obj
+        except KeyError as err:
+            raise ConfigError(f"unknown variable {err} in {obj!r}; defined: {', '.join(variables)}") from None
+    if isinstance(obj, list):
+        return [_substitute(x, variables) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _substitute(v, variables) for k, v in obj.items()}
+    return obj
+
+
+def parse_overrides(pairs: list[str] | None) -> list[tuple[str, Any]]:
+    """`key=value` strings -> (dotted key, YAML-parsed value)."""
+    out = []
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw)))
+    return out
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML; `overrides` like `stages.1.lr=1e-4`, `defaults.max_steps=10`, `vars.data_dir=x`.
+
+    A key under `defaults.` applies to every stage; a bare stage key (`lr=1e-4`) too.
+    """
+    path = Path(path)
+    if not path.exists():
+        builtin = Path(__file__).resolve().parents[1] / "recipes" / f"{path.name.removesuffix('.yaml')}.yaml"
+        if builtin.exists():
+            path = builtin
+        else:
+            raise ConfigError(f"recipe {str(path)!r} not found (and no built-in recipe of that name)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    stage_fields = {f.name for f in dataclasses.fields(StageConfig)}
+    for key, value in parse_overrides(overrides):
+        if key.split(".")[0] in stage_fields:
+            key = "defaults." + key
+        _set_dotted(raw, key, value)
+    variables = {"recipe_dir": str(path.parent), **{k: str(v) for k, v in (raw.get("vars") or {}).items()}}
+    raw = _substitute(raw, variables)
+    unknown = set(raw) - {"name", "description", "model", "output_dir", "defaults", "stages", "vars"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {sorted(unknown)}")
+    defaults = raw.get("defaults") or {}
+    stages = {}
+    for name, body in (raw.get("stages") or {}).items():
+        merged = copy.deepcopy(defaults)
+        merged.update(body or {})
+        bad = set(merged) - stage_fields
+        if bad:
+            raise ConfigError(f"{path}: stage {name}: unknown keys {sorted(bad)}; known: {sorted(stage_fields)}")
+        stages[str(name)] = StageConfig(name=str(name), **{k: v for k, v in merged.items() if k != "name"})
+    if not stages:
+        raise ConfigError(f"{path}: no stages")
+    model = raw.get("model") or {}
+    bad = set(model) - {f.name for f in dataclasses.fields(ModelSpec)}
+    if bad:
+        raise ConfigError(f"{path}: model: unknown keys {sorted(bad)}")
+    return Recipe(
+        name=raw.get("name", path.stem),
+        description=raw.get("description", ""),
+        model=ModelSpec(**model),
+        output_dir=raw.get("output_dir", f"runs/{path.stem}"),
+        stages=stages,
+        path=str(path),
+    )
