@@ -74,7 +74,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     from .model.weights import init_model
 
     init_model(
-        args.preset, args.output, llm=args.llm, vision=args.vision, tokenizer=args.tokenizer,
+        args.preset,
+        args.output,
+        llm=args.llm,
+        vision=args.vision,
+        tokenizer=args.tokenizer,
         allow_pickle=args.allow_pickle,
     )
     print(f"wrote the stage-1 starting model to {args.output}")
@@ -107,7 +111,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume: str | bool = args.resume if args.resume else not args.no_resume
     results = train_recipe(recipe, args.stage, resume=resume)
     for r in results:
-        print(f"stage {r.stage}: {r.steps} steps, final loss {r.final_loss:.4f}, {r.seconds:.0f} s -> {r.model_dir}")
+        print(
+            f"stage {r.stage}: {r.steps} steps, final loss {r.final_loss:.4f}, {r.seconds:.0f} s -> {r.model_dir}"
+        )
     return 0
 
 
@@ -115,8 +121,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import print_demo_table, run_demo
 
     result = run_demo(
-        args.output, n_train=args.train, n_test=args.test, seed=args.seed, step_scale=args.step_scale,
-        overrides=args.set, threads=args.threads,
+        args.output,
+        n_train=args.train,
+        n_test=args.test,
+        seed=args.seed,
+        step_scale=args.step_scale,
+        overrides=args.set,
+        threads=args.threads,
     )
     print_demo_table(result)
     return 0
@@ -141,14 +152,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("init", help="write the starting model of stage 1 from pretrained parts")
     p.add_argument("--preset", default="convllava-jp-1.3b-768", help="preset name (default: %(default)s)")
-    p.add_argument("--llm", help="HF hub id or local dir of the causal LM (default: the preset's config, random)")
+    p.add_argument(
+        "--llm", help="HF hub id or local dir of the causal LM (default: the preset's config, random)"
+    )
     p.add_argument(
         "--vision",
         help="open_clip 'hf-hub:org/name', a local open_clip dir, a timm checkpoint file or a timm model name "
         "(stages 1-4; stage 5 and the projector start fresh)",
     )
     p.add_argument("--tokenizer", help="tokenizer dir/id (default: the --llm's)")
-    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pth pickle weights (weights_only)")
+    p.add_argument(
+        "--allow-pickle", action="store_true", help="allow .bin/.pth pickle weights (weights_only)"
+    )
     p.add_argument("--output", required=True, help="model directory to write")
     p.set_defaults(func=cmd_init)
 
@@ -158,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin (weights_only)")
     p.set_defaults(func=cmd_convert)
 
-    p = sub.add_parser("synth", help="generate the synthetic Japanese world (images, captions, QA, tokenizer)")
+    p = sub.add_parser(
+        "synth", help="generate the synthetic Japanese world (images, captions, QA, tokenizer)"
+    )
     p.add_argument("--out", default="demo-output/world", help="output dir (default: %(default)s)")
     p.add_argument("--train", type=int, default=2000, help="training images (default: %(default)s)")
     p.add_argument("--test", type=int, default=400, help="held-out images (default: %(default)s)")
@@ -172,10 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train stages of a YAML recipe with the HF Trainer. Works unchanged under torchrun / "
         "accelerate launch. Resumes from the newest complete checkpoint of a stage unless --no-resume.",
     )
-    p.add_argument("--recipe", default="tiny-synthetic", help="recipe YAML path or built-in name (default: %(default)s)")
+    p.add_argument(
+        "--recipe", default="tiny-synthetic", help="recipe YAML path or built-in name (default: %(default)s)"
+    )
     p.add_argument("--stage", default="all", help="1, 2, 3, a list '1,3', a range '2-3' or 'all' (default)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set lr=1e-4 --set stages.1.max_steps=10 (repeatable)")
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a recipe value, e.g. --set lr=1e-4 --set stages.1.max_steps=10 (repeatable)",
+    )
     p.add_argument("--resume", help="resume the (single) selected stage from this checkpoint dir")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints and start over")
     p.set_defaults(func=cmd_train)

@@ -43,11 +43,18 @@ def run_demo(
     out = Path(output_dir)
     world_dir = out / "world"
     if not (world_dir / "world.json").exists():
-        log.info("generating the synthetic world in %s (%d train / %d test images)", world_dir, n_train, n_test)
+        log.info(
+            "generating the synthetic world in %s (%d train / %d test images)", world_dir, n_train, n_test
+        )
         generate_world(world_dir, n_train, n_test, seed=seed)
     recipe = load_recipe(
         "tiny-synthetic",
-        overrides=[f"vars.data_dir={world_dir}", f"output_dir={out / 'runs'}", f"seed={seed}", *(overrides or [])],
+        overrides=[
+            f"vars.data_dir={world_dir}",
+            f"output_dir={out / 'runs'}",
+            f"seed={seed}",
+            *(overrides or []),
+        ],
     )
     if step_scale != 1.0:
         for stage in recipe.stages.values():
@@ -72,8 +79,13 @@ def run_demo(
         "n_test": scores["n"],
         "per_type": scores["per_type"],
         "stages": [
-            {"stage": int(r.stage) if r.stage.isdigit() else r.stage, "final_loss": r.final_loss, "steps": r.steps,
-             "seconds": r.seconds, "trainable_params": r.trainable_params["total"]}
+            {
+                "stage": int(r.stage) if r.stage.isdigit() else r.stage,
+                "final_loss": r.final_loss,
+                "steps": r.steps,
+                "seconds": r.seconds,
+                "trainable_params": r.trainable_params["total"],
+            }
             for r in results
         ],
         "train_seconds": round(train_seconds, 1),
@@ -95,15 +107,27 @@ def print_demo_table(result: dict) -> None:
     for col in ("stage", "steps", "final loss", "seconds", "trainable params"):
         stages.add_column(col, justify="right")
     for s in result["stages"]:
-        stages.add_row(str(s["stage"]), str(s["steps"]), f"{s['final_loss']:.4f}", f"{s['seconds']:.1f}",
-                       f"{s['trainable_params']:,}")
+        stages.add_row(
+            str(s["stage"]),
+            str(s["steps"]),
+            f"{s['final_loss']:.4f}",
+            f"{s['seconds']:.1f}",
+            f"{s['trainable_params']:,}",
+        )
     console.print(stages)
     table = Table(title=f"held-out exact match (n={result['n_test']})")
     for col in ("question type", "n", "exact match", "chance"):
         table.add_column(col, justify="right")
     for qtype, v in result["per_type"].items():
         table.add_row(qtype, str(v["n"]), f"{100 * v['exact_match']:.1f}%", f"{100 * v['chance']:.1f}%")
-    table.add_row("all", str(result["n_test"]), f"{100 * result['heldout_exact_match']:.1f}%",
-                  f"{100 * result['chance']:.1f}%", style="bold")
+    table.add_row(
+        "all",
+        str(result["n_test"]),
+        f"{100 * result['heldout_exact_match']:.1f}%",
+        f"{100 * result['chance']:.1f}%",
+        style="bold",
+    )
     console.print(table)
-    console.print(f"total {result['seconds']:.0f} s (training {result['train_seconds']:.0f} s); model in {result['model_dir']}")
+    console.print(
+        f"total {result['seconds']:.0f} s (training {result['train_seconds']:.0f} s); model in {result['model_dir']}"
+    )

@@ -7,11 +7,11 @@ nothing touches the network.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
 
-import httpx2
 import pytest
 import timm
 import torch
@@ -286,6 +286,14 @@ def test_open_clip_vit_is_refused(tmp_path):
         W.load_vision_trunk(tmp_path / "clip")
 
 
+def not_found(url: str) -> Exception:
+    """The error hf_hub_download raises for a file the repo does not have (HTTP 404)."""
+    # Built with huggingface_hub's own HTTP library (httpx2 in huggingface_hub 2.x).
+    http = importlib.import_module(hub_errors.Response.__module__.split(".")[0])
+    response = http.Response(404, request=http.Request("HEAD", url))
+    return hub_errors.RemoteEntryNotFoundError("404 Entry Not Found", response=response)
+
+
 def fake_hub(monkeypatch, repo_dir: Path, repo_id: str):
     """hf_hub_download served from a local folder; answers 404 for files the 'repo' lacks."""
     asked = []
@@ -294,8 +302,7 @@ def fake_hub(monkeypatch, repo_dir: Path, repo_id: str):
         assert rid == repo_id
         asked.append(filename)
         if not (repo_dir / filename).is_file():
-            request = httpx2.Request("HEAD", f"https://huggingface.co/{rid}/resolve/main/{filename}")
-            raise hub_errors.RemoteEntryNotFoundError("404", response=httpx2.Response(404, request=request))
+            raise not_found(f"https://huggingface.co/{rid}/resolve/main/{filename}")
         return str(repo_dir / filename)
 
     monkeypatch.setattr(W, "hf_hub_download", download)
@@ -687,3 +694,12 @@ def test_convert_llava_jp_tied_lm_head_linear_projector_and_old_gpt2_buffers(tmp
         ref.llm.lm_head.weight = ref.llm.transformer.wte.weight
         diff = (model(input_ids=text_ids()).logits[..., :60] - ref.llm(text_ids()).logits).abs().max().item()
     assert diff <= 1e-5
+
+
+def test_convert_llava_jp_keeps_a_bf16_checkpoint_bf16(tmp_path):
+    ref = ReferenceLlavaJp()
+    state = {k: v.to(torch.bfloat16) for k, v in ref.state_dict().items()}
+    W.convert_llava_jp(ref.write(tmp_path / "ref", state=state), tmp_path / "ours")
+    model, _ = W.load_model_dir(tmp_path / "ours")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.equal(model.projector[2].bias, state["model.mm_projector.2.bias"])

@@ -30,7 +30,8 @@ from typing import IO, Any, TypedDict
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import functional as TF
-from transformers.image_processing_base import BatchFeature, ImageProcessingMixin
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
 
 from ..errors import ConfigError, ImageError
 
@@ -411,7 +412,7 @@ class ConvLlavaImageProcessorKwargs(TypedDict, total=False):
     max_pixels: int
 
 
-class ConvLlavaImageProcessor(ImageProcessingMixin):
+class ConvLlavaImageProcessor(BaseImageProcessor):
     """Loads and preprocesses images for ConvLLaVA; saved as ``preprocessor_config.json``.
 
     Args:

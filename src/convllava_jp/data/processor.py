@@ -15,7 +15,6 @@ import torch
 from transformers import BatchFeature, ProcessorMixin
 
 from ..errors import TemplateError
-from .images import ConvLlavaImageProcessor
 from .templates import IMAGE_TOKEN, JINJA_TEMPLATES, segments
 
 IGNORE_INDEX = -100

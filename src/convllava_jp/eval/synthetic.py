@@ -71,5 +71,8 @@ def evaluate_synthetic(
             GenerationRequest([{"role": "user", "content": r["question"]}], [r["image"]]) for r in chunk
         ]
         predictions += [res.text for res in pipeline.generate(requests, config, batch_size=batch_size)]
-    samples = [{**r, "prediction": p, "correct": p.strip() == r["answer"].strip()} for r, p in zip(records, predictions)]
+    samples = [
+        {**r, "prediction": p, "correct": p.strip() == r["answer"].strip()}
+        for r, p in zip(records, predictions)
+    ]
     return score_synthetic(records, predictions), samples

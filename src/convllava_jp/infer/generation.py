@@ -1,28 +1,41 @@
 """Generation API: load a model dir, ask about images, batched (left-padded) and streamed.
 
-`VLMPipeline.generate` takes many requests and runs them in batches; `chat` is the one-image,
-one-question convenience; `stream` yields text pieces as they are decoded.
+`VLMPipeline.generate` takes many requests and runs them in batches through transformers'
+`generate`; `chat` is the one-image, one-question convenience; `stream` yields text pieces as they
+are decoded. `IncrementalDecoder` turns token ids into text pieces whose concatenation is exactly
+the text `generate` returns (stop strings cut, incomplete UTF-8 held back); the server's
+continuous batcher (`batching.py`) uses it too, so streamed and non-streamed answers agree.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ..data.processor import pad_sequences
+from ..data.processor import EncodedConversation, pad_sequences
 from ..data.templates import IMAGE_TOKEN
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+History = Sequence[tuple[str, str]]
+_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 @dataclass
 class GenerationConfig:
-    """Decoding settings; temperature 0 means greedy."""
+    """Decoding settings; temperature 0 means greedy.
+
+    `stop`: strings that end the answer (not included in it). `seed`: makes sampling repeatable.
+    """
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -31,10 +44,39 @@ class GenerationConfig:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = [s for s in (self.stop or []) if s]
+
+    def validate(self) -> GenerationConfig:
+        """Raise ConfigError on values no sampler accepts; returns self."""
+        if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool):
+            raise ConfigError(f"max_new_tokens must be an int, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not 0 <= self.temperature <= 100:
+            raise ConfigError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not all(isinstance(s, str) for s in self.stop):
+            raise ConfigError(f"stop must be a list of strings, got {self.stop!r}")
+        return self
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
     def to_hf(self) -> dict:
-        kwargs = {"max_new_tokens": self.max_new_tokens, "repetition_penalty": self.repetition_penalty}
+        """Keyword arguments for transformers' `generate` (stop strings are added by the pipeline)."""
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
         if self.temperature > 0:
-            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p)
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         return kwargs
@@ -42,7 +84,10 @@ class GenerationConfig:
 
 @dataclass
 class GenerationRequest:
-    """A conversation (role/content turns, `<image>` tags in the text) and its images in tag order."""
+    """A conversation (role/content turns, `<image>` tags in the text) and its images in tag order.
+
+    Images are anything `load_image` takes: paths, bytes, file objects or PIL images.
+    """
 
     messages: list[dict]
     images: list = field(default_factory=list)
@@ -62,20 +107,131 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def byte_fallback_ids(tokenizer) -> frozenset[int]:
+    """Ids of byte-fallback tokens (`<0xE3>`): their text is incomplete until the bytes form a character."""
+    return frozenset(i for t, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.match(t))
+
+
+class IncrementalDecoder:
+    """Token ids in, text pieces out; the pieces concatenate to `text` at the end.
+
+    Decodes the whole answer at every token (cheap next to a model step) and emits only the part
+    that can no longer change: text made of a trailing run of byte-fallback tokens, or ending in
+    U+FFFD, may still become a different character, and a tail that could begin a stop string may
+    still be cut. `stopped` turns true when a stop string appears; `finish()` flushes the rest.
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str] = (), byte_ids: frozenset[int] | None = None):
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.byte_ids = byte_fallback_ids(tokenizer) if byte_ids is None else byte_ids
+        self.special_ids = frozenset(tokenizer.all_special_ids)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.stopped = False
+        self.text = ""
+        self._in_byte_run = False  # last visible token is a byte token (special ones are skipped)
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated id (not EOS); returns the new text piece, maybe ''."""
+        token_id = int(token_id)
+        self.ids.append(token_id)
+        if token_id not in self.special_ids:
+            self._in_byte_run = token_id in self.byte_ids
+        text, found = cut_at_stop(self._decode(), self.stop)
+        if found:
+            self.stopped = True
+            return self._advance(text)
+        if self._in_byte_run:
+            # A byte run decodes as one group: one bad byte later turns all of it into U+FFFD.
+            return ""
+        safe = text.rstrip("\ufffd")
+        for k in range(min(len(safe), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(safe[-k:]) for s in self.stop):
+                safe = safe[:-k]
+                break
+        return self._advance(safe)
+
+    def _advance(self, text: str) -> str:
+        if len(text) > len(self.emitted) and text.startswith(self.emitted):
+            piece = text[len(self.emitted) :]
+            self.emitted = text
+            return piece
+        return ""
+
+    def finish(self) -> str:
+        """The last piece; afterwards `text` is the whole answer (stop string cut)."""
+        self.text = cut_at_stop(self._decode(), self.stop)[0]
+        if not self.text.startswith(self.emitted):
+            # Only a tokenizer whose decoding of a prefix is not a prefix of the whole gets here.
+            log.warning("streamed text %r is not a prefix of the final answer %r", self.emitted, self.text)
+            return ""
+        piece = self.text[len(self.emitted) :]
+        self.emitted = self.text
+        return piece
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """'auto' (or None) -> cuda if available, else mps, else cpu; anything else as given."""
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(device)
+
+
+class _TokenQueueStreamer:
+    """A transformers streamer that hands generated ids (not the prompt) to a queue; None ends."""
+
+    def __init__(self, out: queue.Queue):
+        self.out = out
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.out.put(token)
+
+    def end(self) -> None:
+        self.out.put(None)
+
+
 class VLMPipeline:
-    """A model + processor ready to answer; thread-safe for one `generate` at a time."""
+    """A model + processor ready to answer; one `generate` runs at a time (`lock`)."""
 
     def __init__(self, model, processor, template: str = "llm-jp-v1"):
         self.model = model.eval()
         self.processor = processor
         self.template = template
         self.lock = threading.Lock()
+        self.byte_ids = byte_fallback_ids(processor.tokenizer)
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path, device: str = "cpu", dtype=None, template: str = "llm-jp-v1"):
+    def from_pretrained(
+        cls,
+        model_dir: str | Path,
+        device: str | torch.device | None = "cpu",
+        dtype: str | torch.dtype | None = None,
+        template: str = "llm-jp-v1",
+    ) -> VLMPipeline:
+        """Load a model directory (`save_model_dir` layout).
+
+        Args:
+            device: "cpu", "cuda", "cuda:1", "mps" or "auto".
+            dtype: "float32", "bfloat16", "float16" (or a torch dtype); None keeps the saved one.
+            template: chat template the prompts are rendered with (`llm-jp-v1` for chat models).
+        """
         from ..model.weights import load_model_dir
 
-        model, processor = load_model_dir(model_dir, device=device, dtype=dtype)
+        model, processor = load_model_dir(model_dir, device=resolve_device(device), dtype=dtype)
+        log.info("loaded %s on %s (%s)", model_dir, model.device, model.dtype)
         return cls(model, processor, template)
 
     @property
@@ -83,16 +239,24 @@ class VLMPipeline:
         return self.model.device
 
     @property
+    def tokenizer(self):
+        return self.processor.tokenizer
+
+    @property
     def max_context(self) -> int:
+        """Most tokens (prompt + answer) the language model takes."""
         cfg = self.model.config.text_config
         return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
 
     # --- prompts -----------------------------------------------------------------------------
     @staticmethod
-    def question_messages(question: str, n_images: int = 1, history: Sequence[tuple[str, str]] = ()) -> list[dict]:
-        """Turns for a question (images go first in the first user turn, as in training)."""
+    def question_messages(question: str, n_images: int = 1, history: History | None = ()) -> list[dict]:
+        """Turns for a question; history is (question, answer) pairs of earlier turns.
+
+        The images' `<image>` tags go first in the first user turn, as in training.
+        """
         messages: list[dict] = []
-        for q, a in history:
+        for q, a in history or ():
             messages += [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
         prefix = (IMAGE_TOKEN + "\n") * n_images if n_images and IMAGE_TOKEN not in question else ""
         if messages and prefix:
@@ -101,15 +265,27 @@ class VLMPipeline:
         messages.append({"role": "user", "content": prefix + question})
         return messages
 
-    def encode(self, request: GenerationRequest):
+    def encode(self, request: GenerationRequest) -> EncodedConversation:
+        """Tokenize a request and preprocess its images (raises ImageError / TemplateError)."""
         return self.processor.encode_conversation(
             request.messages, images=request.images, template=self.template, add_generation_prompt=True
         )
 
+    def check_fits(self, encoded: EncodedConversation, config: GenerationConfig) -> None:
+        """Raise ConfigError when prompt + max_new_tokens does not fit the context window."""
+        n = len(encoded.input_ids)
+        if n + config.max_new_tokens > self.max_context:
+            raise ConfigError(
+                f"the prompt has {n} tokens and max_new_tokens is {config.max_new_tokens}: together "
+                f"more than the model's context of {self.max_context} tokens; ask for at most "
+                f"{max(self.max_context - n, 0)} new tokens or shorten the conversation"
+            )
+
     # --- generation --------------------------------------------------------------------------
-    def _batch_inputs(self, encoded: Sequence) -> dict:
-        ids, mask = pad_sequences([e.input_ids for e in encoded], self.processor.tokenizer.pad_token_id, "left")
-        inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+    def batch_inputs(self, encoded: Sequence[EncodedConversation]) -> dict:
+        """Left-padded input_ids / attention_mask (B, T) and pixel_values on the model's device."""
+        ids, mask = pad_sequences([e.input_ids for e in encoded], self.tokenizer.pad_token_id, "left")
+        inputs: dict[str, Any] = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
         images = [p for e in encoded for p in e.pixel_values]
         if images:
             dtype = self.model.dtype
@@ -120,9 +296,12 @@ class VLMPipeline:
         return inputs
 
     def _hf_kwargs(self, config: GenerationConfig) -> dict:
-        tok = self.processor.tokenizer
+        tok = self.tokenizer
         kwargs = config.to_hf()
         kwargs.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        if config.stop:
+            # Ends a row as soon as its text contains a stop string; the text is cut afterwards.
+            kwargs.update(stop_strings=list(config.stop), tokenizer=tok)
         return kwargs
 
     @torch.inference_mode()
@@ -131,19 +310,26 @@ class VLMPipeline:
         requests: Sequence[GenerationRequest],
         config: GenerationConfig | None = None,
         batch_size: int = 8,
-        encoded: Sequence | None = None,
+        encoded: Sequence[EncodedConversation] | None = None,
     ) -> list[GenerationResult]:
-        """Answer many requests, `batch_size` at a time (left padding); results in input order."""
-        config = config or GenerationConfig()
+        """Answer many requests, `batch_size` at a time (left padding); results in input order.
+
+        `encoded` (from `encode`) skips tokenizing and image preprocessing again.
+        """
+        config = (config or GenerationConfig()).validate()
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         encoded = list(encoded) if encoded is not None else [self.encode(r) for r in requests]
+        for e in encoded:
+            self.check_fits(e, config)
         results: list[GenerationResult] = []
-        tok = self.processor.tokenizer
+        tok = self.tokenizer
         for start in range(0, len(encoded), batch_size):
             chunk = encoded[start : start + batch_size]
-            inputs = self._batch_inputs(chunk)
-            if config.seed is not None:
-                torch.manual_seed(config.seed)
+            inputs = self.batch_inputs(chunk)
             with self.lock:
+                if config.seed is not None:
+                    torch.manual_seed(config.seed)
                 out = self.model.generate(**inputs, **self._hf_kwargs(config))
             new_tokens = out[:, inputs["input_ids"].shape[1] :]
             for e, row in zip(chunk, new_tokens):
@@ -151,8 +337,10 @@ class VLMPipeline:
                 ended = tok.eos_token_id in row
                 if ended:
                     row = row[: row.index(tok.eos_token_id)]
-                else:
-                    row = [t for t in row if t != tok.pad_token_id]
+                elif config.stop:
+                    # rows that met a stop string are padded to the batch's length
+                    while row and row[-1] == tok.pad_token_id:
+                        row.pop()
                 text = tok.decode(row, skip_special_tokens=True)
                 text, stopped = cut_at_stop(text, config.stop)
                 results.append(
@@ -165,40 +353,68 @@ class VLMPipeline:
                 )
         return results
 
-    def chat(self, image, question: str, history: Sequence[tuple[str, str]] = (), **generation_kwargs) -> str:
-        """One answer about one image (or None for text only); generation_kwargs as GenerationConfig."""
+    def chat(self, image, question: str, history: History | None = None, **generation_kwargs) -> str:
+        """One answer about one image (None: text only); generation_kwargs as GenerationConfig.
+
+        `history`: earlier (question, answer) pairs of the same conversation about this image.
+        """
         images = [] if image is None else [image]
         request = GenerationRequest(self.question_messages(question, len(images), history), images)
         return self.generate([request], GenerationConfig(**generation_kwargs))[0].text
 
     def stream(self, request: GenerationRequest, config: GenerationConfig | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated (transformers' TextIteratorStreamer)."""
-        from transformers import TextIteratorStreamer
+        """Yield text pieces as they are generated; they concatenate to `generate`'s text.
 
-        config = config or GenerationConfig()
-        tok = self.processor.tokenizer
-        streamer = TextIteratorStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-        inputs = self._batch_inputs([self.encode(request)])
+        Generation runs in a background thread; leaving the loop early stops it after one step.
+        """
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        config = (config or GenerationConfig()).validate()
+        encoded = self.encode(request)
+        self.check_fits(encoded, config)
+        inputs = self.batch_inputs([encoded])
+        tokens: queue.Queue = queue.Queue()
+        cancel = threading.Event()
         errors: list[BaseException] = []
 
-        def work():
+        class _Cancelled(StoppingCriteria):
+            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        def work() -> None:
+            streamer = _TokenQueueStreamer(tokens)
             try:
                 with torch.inference_mode(), self.lock:
-                    self.model.generate(**inputs, **self._hf_kwargs(config), streamer=streamer)
+                    if config.seed is not None:
+                        torch.manual_seed(config.seed)
+                    self.model.generate(
+                        **inputs,
+                        **self._hf_kwargs(config),
+                        streamer=streamer,
+                        stopping_criteria=StoppingCriteriaList([_Cancelled()]),
+                    )
             except BaseException as err:  # surfaced to the consumer below
                 errors.append(err)
-                streamer.end()
+                tokens.put(None)
 
-        thread = threading.Thread(target=work, daemon=True)
+        thread = threading.Thread(target=work, name="vlm-stream", daemon=True)
         thread.start()
-        emitted = ""
-        for piece in streamer:
-            text, stopped = cut_at_stop(emitted + piece, config.stop)
-            if text[len(emitted) :]:
-                yield text[len(emitted) :]
-            emitted = text
-            if stopped:
-                break
-        thread.join()
+        decoder = IncrementalDecoder(self.tokenizer, config.stop, self.byte_ids)
+        eos = self.tokenizer.eos_token_id
+        try:
+            while (token := tokens.get()) is not None:
+                if token == eos:
+                    break
+                piece = decoder.add(token)
+                if piece:
+                    yield piece
+                if decoder.stopped:
+                    break
+            piece = decoder.finish()
+            if piece:
+                yield piece
+        finally:
+            cancel.set()
+            thread.join()
         if errors:
             raise errors[0]

@@ -80,11 +80,17 @@ class StageConfig:
                     f"choose from {', '.join(TRAINABLE_NAMES)} or {{vision_from_stage: N}}"
                 )
         if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"stage {self.name}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+            raise ConfigError(
+                f"stage {self.name}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
+            )
         if self.precision not in PRECISIONS:
-            raise ConfigError(f"stage {self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise ConfigError(
+                f"stage {self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}"
+            )
         if self.template not in ("plain", "llm-jp-v1"):
-            raise ConfigError(f"stage {self.name}: template must be plain or llm-jp-v1, got {self.template!r}")
+            raise ConfigError(
+                f"stage {self.name}: template must be plain or llm-jp-v1, got {self.template!r}"
+            )
 
     def grad_accum_for(self, world_size: int) -> int:
         """Accumulation steps so that per_device_batch x accumulation x world size = global_batch."""
@@ -129,9 +135,11 @@ class Recipe:
         for part in which.split(","):
             if "-" in part:
                 lo, hi = part.split("-", 1)
-                chosen += [n for n in names if names.index(lo) <= names.index(n) <= names.index(hi)] if (
-                    lo in names and hi in names
-                ) else []
+                chosen += (
+                    [n for n in names if names.index(lo) <= names.index(n) <= names.index(hi)]
+                    if (lo in names and hi in names)
+                    else []
+                )
             elif part in names:
                 chosen.append(part)
             else:
@@ -208,7 +216,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         merged.update(body or {})
         bad = set(merged) - stage_fields
         if bad:
-            raise ConfigError(f"{path}: stage {name}: unknown keys {sorted(bad)}; known: {sorted(stage_fields)}")
+            raise ConfigError(
+                f"{path}: stage {name}: unknown keys {sorted(bad)}; known: {sorted(stage_fields)}"
+            )
         stages[str(name)] = StageConfig(name=str(name), **{k: v for k, v in merged.items() if k != "name"})
     if not stages:
         raise ConfigError(f"{path}: no stages")

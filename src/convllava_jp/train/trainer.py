@@ -109,7 +109,9 @@ class ConvLlavaTrainer(Trainer):
                 continue
             mult = 1.0
             for part, m in self.lr_multipliers.items():
-                prefix = {"vision": "vision_tower.", "projector": "projector.", "llm": "language_model."}.get(part)
+                prefix = {"vision": "vision_tower.", "projector": "projector.", "llm": "language_model."}.get(
+                    part
+                )
                 if prefix is None:
                     raise ConfigError(f"lr_multipliers: unknown part {part!r} (vision, projector, llm)")
                 if name.startswith(prefix):
@@ -180,7 +182,10 @@ class _ProgressLog(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if logs and state.is_world_process_zero and "loss" in logs:
             log.info(
-                "step %d/%d  loss %.4f  lr %.2e", state.global_step, state.max_steps, logs["loss"],
+                "step %d/%d  loss %.4f  lr %.2e",
+                state.global_step,
+                state.max_steps,
+                logs["loss"],
                 logs.get("learning_rate", float("nan")),
             )
 
@@ -332,7 +337,9 @@ def run_stage(
             final_loss=final_loss,
             steps=int(output.global_step),
             seconds=round(seconds, 2),
-            samples=int(output.global_step) * args.per_device_train_batch_size * args.gradient_accumulation_steps
+            samples=int(output.global_step)
+            * args.per_device_train_batch_size
+            * args.gradient_accumulation_steps
             * max(args.world_size, 1),
             skipped=sum(tracker.summary().values()) if tracker.summary() else 0,
             trainable_params=counts,
@@ -340,7 +347,9 @@ def run_stage(
         (out_dir / "result.json").write_text(json.dumps(asdict(result), indent=2))
         (out_dir / "log_history.json").write_text(json.dumps(trainer.state.log_history, indent=1))
     else:
-        result = StageResult(stage.name, str(model_dir), final_loss, int(output.global_step), seconds, 0, 0, counts)
+        result = StageResult(
+            stage.name, str(model_dir), final_loss, int(output.global_step), seconds, 0, 0, counts
+        )
     if trainer.args.world_size > 1:
         torch.distributed.barrier()
     if not math.isfinite(final_loss):
@@ -384,7 +393,11 @@ def train_recipe(recipe: Recipe, stages: str = "all", resume: str | bool | None 
                     f"exist yet: run --stage {names[index - 1]} first (or --stage all)"
                 )
         out_dir = Path(recipe.output_dir) / f"stage{name}"
-        if (out_dir / "model" / "config.json").exists() and (out_dir / "result.json").exists() and resume is True:
+        if (
+            (out_dir / "model" / "config.json").exists()
+            and (out_dir / "result.json").exists()
+            and resume is True
+        ):
             log.info("stage %s: already finished (%s); skipping", name, out_dir / "model")
             data = json.loads((out_dir / "result.json").read_text())
             results.append(StageResult(**data))
