@@ -215,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.set_defaults(func=cmd_demo)
+
+    # Serving and evaluation define their own subcommands (their modules import torch lazily).
+    from .eval.commands import register as register_eval
+    from .infer.commands import register as register_infer
+
+    register_infer(sub)
+    register_eval(sub)
     return parser
 
 

@@ -26,6 +26,7 @@ def run_demo(
     step_scale: float = 1.0,
     overrides: list[str] | None = None,
     threads: int | None = None,
+    vision_steps: int = 150,
 ) -> dict:
     """Run the whole demo; returns (and writes to DIR/demo_results.json) the results dict.
 
@@ -35,7 +36,8 @@ def run_demo(
     from .eval.synthetic import evaluate_synthetic
     from .infer.generation import VLMPipeline
     from .train.recipe import load_recipe
-    from .train.trainer import train_recipe
+    from .train.trainer import prepare_init, train_recipe
+    from .train.vision_pretrain import pretrain_vision_on_world
 
     if threads:
         torch.set_num_threads(threads)
@@ -60,6 +62,11 @@ def run_demo(
         for stage in recipe.stages.values():
             if stage.max_steps > 0:
                 stage.max_steps = max(1, round(stage.max_steps * step_scale))
+    init_dir = prepare_init(recipe)
+    marker = init_dir / "vision_pretrained.json"
+    if vision_steps and not marker.exists():
+        stats = pretrain_vision_on_world(init_dir, world_dir, steps=vision_steps, seed=seed)
+        marker.write_text(json.dumps(stats))
     results = train_recipe(recipe, "all")
     final_dir = out / "model"
     last = Path(results[-1].model_dir)
