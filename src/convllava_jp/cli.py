@@ -128,6 +128,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         step_scale=args.step_scale,
         overrides=args.set,
         threads=args.threads,
+        vision_steps=args.vision_steps,
     )
     print_demo_table(result)
     return 0
@@ -212,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test", type=int, default=400, help="held-out images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
+    p.add_argument(
+        "--vision-steps",
+        type=int,
+        default=150,
+        help="steps of the vision tower's pretraining on the world, the demo's stand-in for CLIP (default: %(default)s)",
+    )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")
     p.set_defaults(func=cmd_demo)

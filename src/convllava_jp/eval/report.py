@@ -1,0 +1,299 @@
+"""Summary tables across tasks and models, with the article's published rows beside ours.
+
+`collect_summaries` reads every `<output>/<task>/<model>/summary.json`; `summary_tables` lays them
+out one row per model (Markdown + CSV), appends the article's reference rows (DESIGN section 1)
+labelled as published, and a second table with the settings behind every number.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "ARTICLE_ROWS",
+    "ARTICLE_SOURCE",
+    "COLUMNS",
+    "Column",
+    "SummaryTables",
+    "collect_summaries",
+    "summary_tables",
+    "write_summary",
+]
+
+ARTICLE_SOURCE = "published: article (2024-06)"
+ARTICLE_SETTINGS = "as published; Heron-Bench judged by GPT-4"
+
+
+@dataclass(frozen=True)
+class Column:
+    """One number in the table: a task's aggregate `key`, times `scale`."""
+
+    header: str
+    task: str
+    key: str
+    scale: float = 1.0
+
+
+COLUMNS: tuple[Column, ...] = (
+    Column("JA-VG-VQA-500 ROUGE-L", "ja-vg-vqa-500", "score"),
+    Column("JA-VLM-Bench-ItW ROUGE-L", "ja-vlm-bench-in-the-wild", "score"),
+    Column("Heron detail", "heron-bench", "detail"),
+    Column("Heron conv", "heron-bench", "conv"),
+    Column("Heron complex", "heron-bench", "complex"),
+    Column("Heron avg", "heron-bench", "overall"),
+    Column("JDocQA x100", "jdocqa", "overall", 100.0),
+    Column("synthetic EM %", "synthetic", "exact_match", 100.0),
+)
+_ARTICLE_TASKS = ("ja-vg-vqa-500", "ja-vlm-bench-in-the-wild", "heron-bench")
+
+# DESIGN section 1 (the article's table): {task: {key: value}} in the units of COLUMNS.
+ARTICLE_ROWS: tuple[dict[str, Any], ...] = (
+    {
+        "model": "ConvLLaVA-JP-1.3b-768",
+        "params": "2.10B",
+        "ja-vg-vqa-500": {"score": 12.05},
+        "ja-vlm-bench-in-the-wild": {"score": 42.80},
+        "heron-bench": {"detail": 44.24, "conv": 40.00, "complex": 48.16, "overall": 44.96},
+    },
+    {
+        "model": "ConvLLaVA-JP-1.3b-1280",
+        "params": "2.10B",
+        "ja-vg-vqa-500": {"score": 11.88},
+        "ja-vlm-bench-in-the-wild": {"score": 43.64},
+        "heron-bench": {"detail": 38.95, "conv": 44.79, "complex": 41.24, "overall": 42.31},
+    },
+    {
+        "model": "llava-jp-1.3b-v1.1 (SigLIP, 384)",
+        "params": "-",
+        "ja-vg-vqa-500": {"score": 13.33},
+        "ja-vlm-bench-in-the-wild": {"score": 44.40},
+        "heron-bench": {"detail": 50.00, "conv": 51.83, "complex": 48.98, "overall": 50.39},
+    },
+    {
+        "model": "EvoVLM-JP-v1-7B",
+        "params": "7B",
+        "ja-vg-vqa-500": {"score": 19.70},
+        "ja-vlm-bench-in-the-wild": {"score": 51.25},
+        "heron-bench": {"overall": 45.07},
+    },
+    {"model": "Heron GIT Japanese StableLM 7B", "params": "7B", "heron-bench": {"overall": 46.83}},
+)
+
+
+@dataclass
+class SummaryTables:
+    """The rendered tables: `markdown` (scores, then settings) and `csv` (one row per model)."""
+
+    markdown: str
+    csv: str
+
+
+def collect_summaries(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every `<output>/<task>/<model>/summary.json` under `output_dir` (unreadable ones are skipped)."""
+    out = []
+    for path in sorted(Path(output_dir).glob("*/*/summary.json")):
+        try:
+            out.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping %s: %s", path, err)
+    return out
+
+
+def _columns_for(tasks: Iterable[str]) -> list[Column]:
+    """The known columns of the tasks present, plus one generic column per unknown task."""
+    present = set(tasks)
+    cols = [c for c in COLUMNS if c.task in present]
+    known = {c.task for c in COLUMNS}
+    for task in sorted(present - known):
+        cols.append(Column(task, task, "score"))
+    return cols
+
+
+def _number(value: Any, scale: float) -> str:
+    if value is None or isinstance(value, (dict, list, str)):
+        return "" if value is None else str(value)
+    value = float(value)
+    return "nan" if math.isnan(value) else f"{value * scale:.2f}"
+
+
+def _cell(summary: Mapping[str, Any] | None, col: Column) -> str:
+    if summary is None:
+        return ""
+    metrics = summary.get("metrics", {})
+    if col.task == "heron-bench" and metrics.get("overall") is None:
+        return "judge failed" if metrics.get("judge_failures") else "not judged"
+    text = _number(metrics.get(col.key), col.scale)
+    if col.task == "heron-bench" and col.key == "overall":
+        failed = int(metrics.get("judge_failures", 0)) + int(metrics.get("not_judged", 0))
+        if failed:
+            text += f" ({failed}/{metrics.get('n')} unjudged)"
+    return text
+
+
+def _model_settings(per_task: Mapping[str, Mapping[str, Any]]) -> str:
+    """One line on what the numbers of one model depend on."""
+    settings = [s.get("settings", {}) for s in per_task.values()]
+    parts = []
+    decodings = sorted({str(s.get("decoding")) for s in settings})
+    parts.append("/".join(decodings))
+    tokens = {t: s.get("settings", {}).get("max_new_tokens") for t, s in per_task.items()}
+    if len(set(tokens.values())) == 1:
+        parts.append(f"max_new_tokens {next(iter(tokens.values()))}")
+    else:
+        parts.append("max_new_tokens " + ", ".join(f"{t} {v}" for t, v in tokens.items()))
+    parts.append("/".join(sorted({str(s.get("template")) for s in settings})))
+    heron = per_task.get("heron-bench")
+    if heron is not None:
+        judge = heron.get("settings", {}).get("judge")
+        if judge:
+            versions = heron.get("metrics", {}).get("judge_model_versions") or ["?"]
+            parts.append(f"judge {judge['model']} ({', '.join(versions)})")
+        else:
+            parts.append("no judge")
+    return "; ".join(parts)
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def summary_tables(summaries: Sequence[Mapping[str, Any]], include_article: bool = True) -> SummaryTables:
+    """Scores of every model on every task (one row a model) and the article's rows, as Markdown + CSV.
+
+    The Markdown has a second table listing, per task and model, the settings that move the
+    numbers (samples, max_new_tokens, decoding, template, judge and its version, failures,
+    package versions).
+    """
+    by_model: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for s in summaries:
+        by_model.setdefault(s["model"], {})[s["task"]] = s
+    tasks = [s["task"] for s in summaries]
+    if include_article:
+        tasks += list(_ARTICLE_TASKS)
+    cols = _columns_for(tasks)
+    header = ["model", "source", *[c.header for c in cols], "settings"]
+
+    rows: list[list[str]] = []
+    for model, per_task in by_model.items():
+        rows.append(
+            [model, "this run", *[_cell(per_task.get(c.task), c) for c in cols], _model_settings(per_task)]
+        )
+    if include_article:
+        for ref in ARTICLE_ROWS:
+            cells = [_number(ref.get(c.task, {}).get(c.key), 1.0) for c in cols]
+            rows.append([ref["model"], ARTICLE_SOURCE, *cells, ARTICLE_SETTINGS])
+
+    md = [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows)]
+    if include_article:
+        md.append("")
+        md.append(
+            f"Rows marked '{ARTICLE_SOURCE}' are the article's reported numbers (DESIGN section 1), "
+            "not produced by this run. ROUGE-L is Japanese ROUGE-L x100 (llm-jp-eval-mm); Heron is "
+            "100 * mean(model score) / mean(reference score) per category."
+        )
+    md += ["", *_settings_table(summaries)]
+    scorers = _scoring_versions(summaries)
+    if scorers:
+        md += ["", f"Scored with {scorers}."]
+
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return SummaryTables(markdown="\n".join(md) + "\n", csv=buf.getvalue())
+
+
+def _settings_table(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
+    header = [
+        "task",
+        "model",
+        "n",
+        "max_new_tokens",
+        "decoding",
+        "template",
+        "judge",
+        "empty / errors / unjudged",
+        "convllava-jp / transformers / torch",
+        "dataset",
+    ]
+    lines = [_md_row(header), _md_row(["---"] * len(header))]
+    for s in summaries:
+        st = s.get("settings", {})
+        counts = s.get("counts", {})
+        metrics = s.get("metrics", {})
+        judge = st.get("judge")
+        judge_text = ""
+        if judge:
+            versions = metrics.get("judge_model_versions") or ["?"]
+            judge_text = f"{judge['model']} ({', '.join(versions)}), T={judge['temperature']}"
+        elif s.get("task") == "heron-bench":
+            judge_text = "none"
+        pkgs = st.get("packages") or {}
+        unjudged = int(metrics.get("judge_failures", 0)) + int(metrics.get("not_judged", 0))
+        lines.append(
+            _md_row(
+                [
+                    s["task"],
+                    s["model"],
+                    str(counts.get("n", metrics.get("n", ""))),
+                    str(st.get("max_new_tokens")),
+                    str(st.get("decoding")),
+                    str(st.get("template")),
+                    judge_text,
+                    f"{counts.get('empty_predictions', 0)} / {counts.get('generation_errors', 0)} / {unjudged}",
+                    " / ".join(str(pkgs.get(p)) for p in ("convllava-jp", "transformers", "torch")),
+                    str(st.get("dataset")),
+                ]
+            )
+        )
+    return lines
+
+
+_SCORING = (
+    "rouge-score",
+    "fugashi",
+    "unidic-lite",
+    "neologdn",
+    "emoji",
+    "sacrebleu",
+    "mecab-python3",
+    "ipadic",
+)
+
+
+def _scoring_versions(summaries: Sequence[Mapping[str, Any]]) -> str:
+    """'rouge-score 0.1.2, fugashi 1.5.2, ...' (each package's versions across the summaries)."""
+    versions: dict[str, set[str]] = {}
+    for s in summaries:
+        for name, version in (s.get("settings", {}).get("scoring_packages") or {}).items():
+            if name in _SCORING and version:
+                versions.setdefault(name, set()).add(version)
+    return ", ".join(f"{name} {'/'.join(sorted(versions[name]))}" for name in _SCORING if name in versions)
+
+
+def write_summary(
+    output_dir: str | os.PathLike,
+    summaries: Sequence[Mapping[str, Any]] | None = None,
+    include_article: bool = True,
+) -> tuple[Path, Path, SummaryTables]:
+    """Write `summary.md` and `summary.csv` in `output_dir` (from every saved summary if none given)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if summaries is None:
+        summaries = collect_summaries(output_dir)
+    tables = summary_tables(summaries, include_article)
+    md_path, csv_path = output_dir / "summary.md", output_dir / "summary.csv"
+    md_path.write_text(tables.markdown, encoding="utf-8")
+    csv_path.write_text(tables.csv, encoding="utf-8")
+    return md_path, csv_path, tables

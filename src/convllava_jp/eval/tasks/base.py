@@ -1,0 +1,307 @@
+"""What every benchmark task shares: the `Sample` it yields, how a dataset is opened, schema checks.
+
+A task says how to load its benchmark (a hub id on a connected machine; a local copy anywhere:
+a `save_to_disk` dir, a hub-style folder of parquet files, one parquet file, or JSON / JSONL),
+how to turn each row into `Sample`s (question, images, reference), which metric scores a sample
+and how the per-sample scores are summarised. Nothing here imports torch: loading and checking a
+dataset is cheap and happens before any model is loaded, so a wrong path fails in a second.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ...errors import DataError
+from ..metrics import get_metric
+
+log = logging.getLogger(__name__)
+
+IMAGE_TAG = "<image>"  # same tag as data.templates.IMAGE_TOKEN (not imported: keeps this module light)
+
+__all__ = ["IMAGE_TAG", "RowSource", "Sample", "Task", "image_source", "open_rows"]
+
+
+@dataclass
+class Sample:
+    """One question to ask the model.
+
+    `question` is the benchmark's text with any `<image>` tag removed (as llm-jp-eval-mm does);
+    `images` are encoded bytes or file paths in the order the prompt refers to them; `fields` holds
+    what the metric or the summary needs besides the reference (category, context, answer_type...).
+    """
+
+    id: str
+    question: str
+    reference: str
+    images: list[Any] = field(default_factory=list)
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def prompt(self) -> str:
+        """The user turn: one `<image>` line per image, then the question (the training layout)."""
+        return f"{IMAGE_TAG}\n" * len(self.images) + self.question
+
+
+@dataclass
+class RowSource:
+    """The rows of one split, with where they came from (for error messages and result files)."""
+
+    rows: Sequence[Mapping[str, Any]] | Any  # a list of dicts or a `datasets.Dataset`
+    columns: list[str]
+    origin: str
+    base_dir: Path | None = None  # relative image paths in JSON resolve against this
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[Mapping[str, Any]]:
+        return iter(self.rows)
+
+
+def image_source(value: Any, base_dir: Path | None, where: str) -> Any:
+    """An image cell as something `load_image` takes: encoded bytes, a path, or a PIL image.
+
+    Accepts what the formats hold: `{"bytes": ..., "path": ...}` (datasets' Image feature, undecoded;
+    parquet), a path string (JSON; relative to `base_dir`), raw bytes, or a PIL image. None stays None.
+    """
+    if value is None:
+        return None
+    if isinstance(value, Mapping):
+        if value.get("bytes"):
+            return bytes(value["bytes"])
+        if value.get("path"):
+            value = value["path"]
+        else:
+            raise DataError(f"{where}: image cell has neither bytes nor path")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, (str, os.PathLike)):
+        path = Path(value)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        return str(path)
+    if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image (from a decoding loader)
+        return value
+    raise DataError(f"{where}: cannot use {type(value).__name__} as an image (expected bytes, path or image)")
+
+
+# --- opening a dataset --------------------------------------------------------------------------
+
+
+def _undecoded_images(ds: Any) -> Any:
+    """Cast `Image` columns to `decode=False`: rows then hold encoded bytes, decoded per batch later."""
+    from datasets import Image
+
+    for name, feature in ds.features.items():
+        if isinstance(feature, Image) and feature.decode:
+            ds = ds.cast_column(name, Image(decode=False))
+    return ds
+
+
+def _pick_split(dd: Any, split: str, origin: str) -> Any:
+    if split in dd:
+        return dd[split]
+    if len(dd) == 1:
+        only = next(iter(dd))
+        log.warning("%s has no split %r; using its only split %r", origin, split, only)
+        return dd[only]
+    raise DataError(f"{origin} has no split {split!r}; it has {sorted(dd)}. Save the {split!r} split.")
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    """Rows of a `.json` file (a list of objects) or a `.jsonl` file (one object a line)."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".jsonl":
+        rows = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+        return rows
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError(f"{path}: expected a JSON list of objects (one per row) or a .jsonl file")
+    return data
+
+
+def _columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        seen.update(dict.fromkeys(row))
+    return list(seen)
+
+
+def open_rows(data: str | os.PathLike | None, hub_id: str | None, split: str) -> RowSource:
+    """The rows of `split`, from a local path if given, else from the hub.
+
+    Local forms: a `save_to_disk` dir (Dataset or DatasetDict), a folder in the hub's layout
+    (`data/<split>-*.parquet`), a `.parquet` file, a `.json` list of objects or a `.jsonl` file.
+    Image columns come back undecoded (bytes), so memory holds the encoded files only.
+    """
+    import datasets
+
+    if data is None:
+        if hub_id is None:
+            raise DataError("this task has no hub copy; give its local path with --data TASK=PATH")
+        try:
+            ds = datasets.load_dataset(hub_id, split=split)
+        except Exception as err:  # offline, gated, renamed...: say what to do instead
+            raise DataError(
+                f"could not load {hub_id} (split {split!r}) from the Hugging Face hub: "
+                f"{type(err).__name__}: {err}. Without internet, download it elsewhere "
+                f"(datasets' save_to_disk, or the repo's parquet files) and pass --data TASK=PATH."
+            ) from None
+        ds = _undecoded_images(ds)
+        return RowSource(ds, list(ds.column_names), f"{hub_id} [{split}]")
+
+    path = Path(data).expanduser()
+    if not path.exists():
+        raise DataError(f"dataset path {path} does not exist")
+    origin = str(path)
+    if path.is_dir():
+        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+            loaded = datasets.load_from_disk(str(path))
+            ds = _pick_split(loaded, split, origin) if isinstance(loaded, datasets.DatasetDict) else loaded
+        elif any(path.rglob("*.parquet")):
+            try:
+                ds = datasets.load_dataset(str(path), split=split)
+            except ValueError as err:
+                raise DataError(f"{path}: no {split!r} split among its parquet files ({err})") from None
+        else:
+            raise DataError(
+                f"{path} is neither a save_to_disk dir (dataset_dict.json / state.json) nor a folder "
+                f"of parquet files; give one of those, a .parquet file or a .json/.jsonl file"
+            )
+        ds = _undecoded_images(ds)
+        return RowSource(ds, list(ds.column_names), f"{origin} [{split}]", base_dir=path)
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        ds = _undecoded_images(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        return RowSource(ds, list(ds.column_names), origin, base_dir=path.parent)
+    if suffix in (".json", ".jsonl"):
+        rows = _read_json_rows(path)
+        return RowSource(rows, _columns_of(rows), origin, base_dir=path.parent)
+    raise DataError(f"{path}: unknown dataset format {suffix!r}; use a dir, .parquet, .json or .jsonl")
+
+
+# --- the task base class ------------------------------------------------------------------------
+
+
+class Task:
+    """A benchmark: where its data is, which columns it needs, how rows become samples, how to score.
+
+    Subclasses set the class attributes and implement `build_samples`; most keep the default
+    `score` (the registered per-sample metric) and `aggregate` (the mean).
+    """
+
+    name: ClassVar[str]
+    title: ClassVar[str]  # as the summary table labels it
+    hub_id: ClassVar[str | None] = None
+    split: ClassVar[str] = "test"
+    metric: ClassVar[str]  # a name in metrics.METRICS, or a task-specific scorer ("heron-judge")
+    required_columns: ClassVar[tuple[str, ...]] = ()
+    default_max_new_tokens: ClassVar[int] = 256  # llm-jp-eval-mm's CLI default
+    primary: ClassVar[str] = "score"  # the aggregate key the summary table shows
+    prompt_description: ClassVar[str] = "llm-jp-v1 chat; user turn = '<image>\\n' + question"
+    needs_judge: ClassVar[bool] = False
+    schema_hint: ClassVar[str] = ""  # one line on the expected schema, for error messages
+
+    # --- loading ---------------------------------------------------------------------------
+    def load(self, data: str | os.PathLike | None = None, limit: int | None = None) -> list[Sample]:
+        """Open the dataset, check its schema and build the samples (the first `limit`, if given)."""
+        source = open_rows(data, self.hub_id, self.split)
+        self.check_columns(source)
+        samples = self.build_samples(source)
+        seen: set[str] = set()
+        for s in samples:
+            if s.id in seen:
+                raise DataError(f"{source.origin}: question id {s.id!r} occurs twice; ids must be unique")
+            seen.add(s.id)
+        if limit is not None:
+            samples = samples[:limit]
+        log.info("%s: %d samples from %s", self.name, len(samples), source.origin)
+        return samples
+
+    def check_columns(self, source: RowSource) -> None:
+        """Raise DataError naming each required column the source lacks."""
+        missing = [c for c in self.required_columns if c not in source.columns]
+        if missing:
+            raise DataError(
+                f"{source.origin} is not in the {self.title} schema: missing column(s) "
+                f"{', '.join(repr(c) for c in missing)}; it has {source.columns}. {self.schema_hint}"
+            )
+
+    def build_samples(self, source: RowSource) -> list[Sample]:
+        raise NotImplementedError
+
+    @staticmethod
+    def text(value: Any, where: str, column: str) -> str:
+        """A text cell as str; DataError when it is missing or not text."""
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise DataError(f"{where}: column {column!r} must be text, got {type(value).__name__}")
+
+    # --- scoring ---------------------------------------------------------------------------
+    def score(
+        self,
+        samples: Sequence[Sample],
+        predictions: Mapping[str, str],
+        *,
+        judge: Any = None,
+        previous: Mapping[str, dict] | None = None,
+        show_progress: bool = True,
+    ) -> list[dict]:
+        """Per-sample score records `{"question_id", <metric>: value, ...fields}`, in sample order.
+
+        Every sample is scored, an empty prediction included (it gets the metric's value for "").
+        """
+        metric = get_metric(self.metric)
+        return [
+            {
+                "question_id": s.id,
+                self.metric: metric(predictions[s.id], s.reference, s.fields),
+                **self.score_fields(s),
+            }
+            for s in samples
+        ]
+
+    def score_fields(self, sample: Sample) -> dict[str, Any]:
+        """Sample fields copied into evaluation.jsonl (what the summary groups by)."""
+        return {}
+
+    def aggregate(self, records: Sequence[dict]) -> dict[str, Any]:
+        """Summary of the per-sample records: here the mean of the metric, as llm-jp-eval-mm does."""
+        values = [float(r[self.metric]) for r in records]
+        return {"score": _mean(values), "n": len(values)}
+
+    def settings(self) -> dict[str, Any]:
+        """What this task fixes that moves the numbers (recorded with every result)."""
+        return {
+            "metric": self.metric,
+            "prompt": self.prompt_description,
+            "hub_id": self.hub_id,
+            "split": self.split,
+        }
+
+
+def _mean(values: Iterable[float]) -> float:
+    values = list(values)
+    return sum(values) / len(values) if values else math.nan

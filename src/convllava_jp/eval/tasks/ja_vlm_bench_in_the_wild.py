@@ -1,0 +1,38 @@
+"""JA-VLM-Bench-In-the-Wild (SakanaAI/JA-VLM-Bench-In-the-Wild, split test): ROUGE-L.
+
+One image, question and answer a row; llm-jp-eval-mm numbers the rows 0..N-1 as question ids.
+"""
+
+from __future__ import annotations
+
+from ...errors import DataError
+from .base import IMAGE_TAG, RowSource, Sample, Task, image_source
+from .registry import register_task
+
+
+@register_task
+class JaVLMBenchInTheWild(Task):
+    name = "ja-vlm-bench-in-the-wild"
+    title = "JA-VLM-Bench-In-the-Wild"
+    hub_id = "SakanaAI/JA-VLM-Bench-In-the-Wild"
+    split = "test"
+    metric = "rouge-l-ja"
+    required_columns = ("image", "question", "answer")
+    schema_hint = "Expected (as on the hub): page_url, image_url, image, question, answer."
+
+    def build_samples(self, source: RowSource) -> list[Sample]:
+        samples = []
+        for i, row in enumerate(source):
+            where = f"{source.origin} row {i}"
+            image = image_source(row["image"], source.base_dir, where)
+            if image is None:
+                raise DataError(f"{where}: 'image' is empty")
+            samples.append(
+                Sample(
+                    id=str(i),
+                    question=self.text(row["question"], where, "question").replace(IMAGE_TAG, ""),
+                    reference=self.text(row["answer"], where, "answer"),
+                    images=[image],
+                )
+            )
+        return samples
