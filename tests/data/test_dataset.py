@@ -344,13 +344,30 @@ def test_json_array_element_without_conversations_fails_fast_with_line(tmp_path,
     path = tmp_path / "arr.json"
     path.write_text(
         '[\n  {"id": "a", "conversations": [{"from": "human", "value": "問"}, {"from": "gpt", "value": "答"}]},\n'
-        '  {"id": "b",\n   "text": "no conversations here"}\n]\n',
+        '  {"id": "b",\n   "caption": "no conversations here"}\n]\n',
         encoding="utf-8",
     )
     with pytest.raises(
-        DataError, match=r"arr\.json, line 3: a LLaVA record needs a 'conversations' list.*id, text"
+        DataError, match=r"arr\.json, line 3: a LLaVA record needs a 'conversations' list.*caption, id"
     ):
         _dataset(path, processor)
+
+
+def test_text_records_are_language_model_data(tmp_path, processor):
+    """`{"text": ...}` lines (LLM pretraining text) are supervised whole, with EOS, and mix with chats."""
+    path = tmp_path / "lm.jsonl"
+    path.write_text(
+        '{"text": "左上に赤い円があります。"}\n'
+        '{"conversations": [{"from": "human", "value": "問"}, {"from": "gpt", "value": "答"}]}\n',
+        encoding="utf-8",
+    )
+    ds = _dataset(path, processor)
+    sample = ds[0]
+    tok = processor.tokenizer
+    assert sample["input_ids"] == tok.encode("左上に赤い円があります。", add_special_tokens=False) + [tok.eos_token_id]
+    assert sample["labels"] == sample["input_ids"] and sample["pixel_values"] == []
+    assert ds.lengths[0] < 0  # text-only modality
+    assert isinstance(ds[1], dict)
 
 
 def test_malformed_json_array_reports_line(tmp_path, processor):

@@ -126,6 +126,8 @@ class BatcherStats:
     steps: int = 0
     tokens: int = 0
     peak_batch: int = 0
+    prefills: int = 0
+    joined_running: int = 0  # prefills merged into a batch that was already decoding
 
 
 def _check_cache_layers(cache) -> list:
@@ -366,23 +368,24 @@ class ContinuousBatcher:
                     **inputs, position_ids=positions, use_cache=True, logits_to_keep=1, return_dict=True
                 )
             _check_cache_layers(out.cache)
-        except Exception as err:
+            rows = [self._new_row(t) for t in tickets]
+            tokens = self._sample(out.logits[:, -1, :], rows)
+        except Exception as err:  # only these requests fail; the running batch goes on
             log.exception("prefill of %d requests failed", len(tickets))
             for t in tickets:
                 self.stats.failed += 1
                 t.emit(StreamEvent(error=err))
             return
-        rows = [self._new_row(t) for t in tickets]
-        new = _Batch(out.cache, mask, mask.sum(-1), torch.zeros_like(mask[:, 0]), rows)
-        tokens = self._sample(out.logits[:, -1, :], rows)
-        self._merge(new)
+        self._merge(_Batch(out.cache, mask, mask.sum(-1), torch.zeros_like(mask[:, 0]), rows))
         self._take_tokens(tokens, first_row=len(self._batch.rows) - len(rows))
 
     def _merge(self, new: _Batch) -> None:
         old = self._batch
+        self.stats.prefills += 1
         if old is None:
             self._batch = new
             return
+        self.stats.joined_running += 1
         t_old, t_new = old.mask.shape[1], new.mask.shape[1]
         length = max(t_old, t_new)
         for a, b in zip(_check_cache_layers(old.cache), _check_cache_layers(new.cache)):
@@ -488,7 +491,9 @@ class ContinuousBatcher:
         if finished:
             self._drop(lambda row: False, indices=set(finished))
 
-    def _drop(self, predicate: Callable[[_Row], bool], indices: set[int] = frozenset(), cancelled=False) -> None:
+    def _drop(
+        self, predicate: Callable[[_Row], bool], indices: set[int] = frozenset(), cancelled=False
+    ) -> None:
         """Remove rows (by index or predicate) from the batch; trim padding no row needs."""
         batch = self._batch
         if batch is None:

@@ -362,6 +362,30 @@ class VLMPipeline:
         request = GenerationRequest(self.question_messages(question, len(images), history), images)
         return self.generate([request], GenerationConfig(**generation_kwargs))[0].text
 
+    def chat_batch(
+        self,
+        pairs: Sequence[tuple[Any, str]],
+        batch_size: int = 8,
+        **generation_kwargs,
+    ) -> list[str]:
+        """Answers to many (image, question) pairs (image None: text only), `batch_size` at a time."""
+        requests = [
+            GenerationRequest(
+                self.question_messages(q, 0 if image is None else 1), [] if image is None else [image]
+            )
+            for image, q in pairs
+        ]
+        results = self.generate(requests, GenerationConfig(**generation_kwargs), batch_size=batch_size)
+        return [r.text for r in results]
+
+    def chat_stream(
+        self, image, question: str, history: History | None = None, **generation_kwargs
+    ) -> Iterator[str]:
+        """`chat`, streamed: yields text pieces that concatenate to `chat`'s answer."""
+        images = [] if image is None else [image]
+        request = GenerationRequest(self.question_messages(question, len(images), history), images)
+        return self.stream(request, GenerationConfig(**generation_kwargs))
+
     def stream(self, request: GenerationRequest, config: GenerationConfig | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; they concatenate to `generate`'s text.
 
@@ -379,7 +403,9 @@ class VLMPipeline:
 
         class _Cancelled(StoppingCriteria):
             def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-                return torch.full((input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device)
+                return torch.full(
+                    (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
+                )
 
         def work() -> None:
             streamer = _TokenQueueStreamer(tokens)
