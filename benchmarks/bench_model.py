@@ -56,8 +56,14 @@ def step_overhead(preset: str, batch: int, text_tokens: int, repeats: int) -> di
 
     t_full = _time(full, repeats)
     t_parts = _time(parts, repeats)
-    return {"preset": preset, "batch": batch, "tokens": ids.shape[1], "full_s": t_full, "parts_s": t_parts,
-            "ratio": t_full / t_parts}
+    return {
+        "preset": preset,
+        "batch": batch,
+        "tokens": ids.shape[1],
+        "full_s": t_full,
+        "parts_s": t_parts,
+        "ratio": t_full / t_parts,
+    }
 
 
 def vision_throughput(preset: str, batch: int, repeats: int) -> list[dict]:
@@ -84,7 +90,9 @@ def vision_throughput(preset: str, batch: int, repeats: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="tiny,small")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--text-tokens", type=int, default=64)
@@ -96,7 +104,9 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for p in presets:
         r = step_overhead(p, args.batch, args.text_tokens, args.repeats)
-        print(f"| {p} | {r['batch']} | {r['tokens']} | {r['full_s']:.3f} | {r['parts_s']:.3f} | {r['ratio']:.3f} |")
+        print(
+            f"| {p} | {r['batch']} | {r['tokens']} | {r['full_s']:.3f} | {r['parts_s']:.3f} | {r['ratio']:.3f} |"
+        )
     print("\n| preset | mode | images/s |")
     print("|---|---|---|")
     for p in presets:

@@ -17,9 +17,28 @@ def test_demo_runs_end_to_end_as_a_subprocess(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.run(
-        [sys.executable, "-m", "convllava_jp.cli", "demo", "--output", str(out), "--train", "48", "--test", "12",
-         "--step-scale", "0.02", "--vision-steps", "3", "--set", "num_workers=0"],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "convllava_jp.cli",
+            "demo",
+            "--output",
+            str(out),
+            "--train",
+            "48",
+            "--test",
+            "12",
+            "--step-scale",
+            "0.02",
+            "--vision-steps",
+            "3",
+            "--set",
+            "num_workers=0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "demo_results.json").read_text())

@@ -364,7 +364,9 @@ def test_text_records_are_language_model_data(tmp_path, processor):
     ds = _dataset(path, processor)
     sample = ds[0]
     tok = processor.tokenizer
-    assert sample["input_ids"] == tok.encode("左上に赤い円があります。", add_special_tokens=False) + [tok.eos_token_id]
+    assert sample["input_ids"] == tok.encode("左上に赤い円があります。", add_special_tokens=False) + [
+        tok.eos_token_id
+    ]
     assert sample["labels"] == sample["input_ids"] and sample["pixel_values"] == []
     assert ds.lengths[0] < 0  # text-only modality
     assert isinstance(ds[1], dict)

@@ -235,3 +235,19 @@ def test_model_dir_with_processor_trains_one_step(tiny_model_dir, tiny_world):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_image_placeholder_is_never_generated():
+    torch.manual_seed(0)
+    config = build_config("tiny", vocab_size=96, image_token_id=5)  # an id inside the vocabulary
+    model = ConvLlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        model.language_model.lm_head.weight[5] += 100.0  # make it the model's favourite token
+        out = model.generate(
+            input_ids=torch.tensor([[1, 2, 3]]),
+            max_new_tokens=6,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    assert 5 not in out[0, 3:].tolist()

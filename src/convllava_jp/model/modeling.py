@@ -208,7 +208,7 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
             inputs_embeds = self.splice_image_features(input_ids, pixel_values)
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
-        return self.language_model(
+        outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -217,6 +217,12 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
+        image_id = self.config.image_token_id
+        if not self.training and 0 <= image_id < outputs.logits.shape[-1]:
+            # The placeholder is never a valid next token: a generated one would demand an image
+            # that does not exist. (Training labels never contain it, so the loss is unchanged.)
+            outputs.logits[..., image_id] = torch.finfo(outputs.logits.dtype).min
+        return outputs
 
 
 def parameter_counts(model: ConvLlavaForConditionalGeneration) -> dict[str, int]:

@@ -60,7 +60,11 @@ def pretrain_vision_on_world(
     width = model.config.vision_hidden_size
     colour_head = nn.Linear(width, len(COLOURS) + 1)
     shape_head = nn.Linear(width, len(SHAPES) + 1)
-    params = [*model.vision_tower.parameters(), *colour_head.parameters(), *shape_head.parameters()]
+    # Also which cell a token is: the LLM's position embeddings are faint beside the image
+    # tokens, so a token has to say itself where it is for words like 左上 to bind to it.
+    cell_head = nn.Linear(width, len(POSITIONS))
+    heads = (colour_head, shape_head, cell_head)
+    params = [*model.vision_tower.parameters(), *(p for h in heads for p in h.parameters())]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
@@ -77,7 +81,12 @@ def pretrain_vision_on_world(
         shape_y = torch.tensor([s for _, s in labels]).flatten()
         tokens = model.encode_images(pixels).flatten(0, 1)  # (B*4, C), cells row-major
         colour_logits, shape_logits = colour_head(tokens), shape_head(tokens)
-        loss = loss_fn(colour_logits, colour_y) + loss_fn(shape_logits, shape_y)
+        cell_y = torch.arange(len(POSITIONS)).repeat(len(batch))
+        loss = (
+            loss_fn(colour_logits, colour_y)
+            + loss_fn(shape_logits, shape_y)
+            + loss_fn(cell_head(tokens), cell_y)
+        )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
