@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .errors import ConvLlavaError
@@ -110,6 +111,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, overrides=args.set)
     resume: str | bool = args.resume if args.resume else not args.no_resume
     results = train_recipe(recipe, args.stage, resume=resume)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports
+        return 0
     for r in results:
         print(
             f"stage {r.stage}: {r.steps} steps, final loss {r.final_loss:.4f}, {r.seconds:.0f} s -> {r.model_dir}"

@@ -24,8 +24,10 @@ import yaml
 from ..errors import ConfigError
 
 TRAINABLE_NAMES = ("stage5", "vision", "projector", "llm")
+LR_PARTS = ("vision", "projector", "llm")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+LORA_BITS = (None, 4)
 
 
 @dataclass
@@ -35,6 +37,39 @@ class DataSpec:
     text_field: str = "value"
     max_samples: int | None = None
     repeat: int = 1
+    split: str = "train"
+
+
+@dataclass
+class LoraSpec:
+    """LoRA (or QLoRA with `bits: 4`) adapters on the LLM, trained instead of its full weights.
+
+    `target_modules` None picks the LLM family's defaults (`train.lora.DEFAULT_TARGET_MODULES`).
+    The adapters are merged into the LLM when the stage saves its model, so the output is a
+    plain model directory.
+    """
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] | None = None
+    bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ConfigError(f"lora.r must be a positive int, got {self.r!r}")
+        if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"lora.alpha must be a positive number, got {self.alpha!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, str):
+            self.target_modules = [m.strip() for m in self.target_modules.split(",") if m.strip()]
+        if self.target_modules is not None and not self.target_modules:
+            raise ConfigError("lora.target_modules is empty; leave it out for the LLM family's defaults")
+        if self.bits not in LORA_BITS:
+            raise ConfigError(
+                f"lora.bits must be 4 (QLoRA) or null (LoRA on full-precision weights), got {self.bits!r}"
+            )
 
 
 @dataclass
@@ -65,13 +100,35 @@ class StageConfig:
     num_workers: int = 2
     max_bad_fraction: float = 0.01
     max_grad_norm: float = 1.0
-    lora: dict | None = None
+    lora: LoraSpec | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
         if not self.data:
             raise ConfigError(f"stage {self.name}: `data` lists no dataset")
+        if isinstance(self.lora, dict):
+            bad = set(self.lora) - {f.name for f in dataclasses.fields(LoraSpec)}
+            if bad:
+                raise ConfigError(
+                    f"stage {self.name}: lora: unknown keys {sorted(bad)}; known: r, alpha, dropout, "
+                    "target_modules, bits"
+                )
+            self.lora = LoraSpec(**self.lora)
+        if self.lora is not None and "llm" not in self.trainable:
+            raise ConfigError(
+                f"stage {self.name}: `lora` adapts the LLM, but `trainable` does not list llm; add it "
+                "(with lora the LLM trains through its adapters, its base weights stay frozen)"
+            )
+        for part, mult in (self.lr_multipliers or {}).items():
+            if part not in LR_PARTS:
+                raise ConfigError(
+                    f"stage {self.name}: lr_multipliers: unknown part {part!r}; choose from {', '.join(LR_PARTS)}"
+                )
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0:
+                raise ConfigError(
+                    f"stage {self.name}: lr_multipliers.{part} must be a number >= 0, got {mult!r}"
+                )
         for t in self.trainable:
             key = next(iter(t)) if isinstance(t, dict) else t
             if key not in (*TRAINABLE_NAMES, "vision_from_stage"):
@@ -92,17 +149,33 @@ class StageConfig:
                 f"stage {self.name}: template must be plain or llm-jp-v1, got {self.template!r}"
             )
 
-    def grad_accum_for(self, world_size: int) -> int:
-        """Accumulation steps so that per_device_batch x accumulation x world size = global_batch."""
+    def batch_plan(self, world_size: int) -> tuple[int, int]:
+        """(per-device batch, accumulation steps) giving `global_batch` samples a step on `world_size` devices.
+
+        Without `global_batch` the recipe's `per_device_batch` and `grad_accum` are used as they are.
+        With it, the per-device batch is `per_device_batch` (the most that fits one device) or the
+        largest smaller size that divides the per-device share, and accumulation makes up the rest:
+        global 32 on 1 device with per_device_batch 8 -> (8, 4); on 8 devices -> (4, 1).
+        """
+        if world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
         if not self.global_batch:
-            return self.grad_accum
-        per_step = self.per_device_batch * world_size
-        if self.global_batch % per_step:
+            return self.per_device_batch, self.grad_accum
+        if self.global_batch % world_size:
             raise ConfigError(
-                f"stage {self.name}: global_batch {self.global_batch} is not a multiple of "
-                f"per_device_batch {self.per_device_batch} x world size {world_size}"
+                f"stage {self.name}: global_batch {self.global_batch} cannot be split over {world_size} "
+                f"processes; set global_batch to a multiple of {world_size} (e.g. --set "
+                f"global_batch={world_size * max(1, -(-self.global_batch // world_size))}; scale lr with it)"
             )
-        return self.global_batch // per_step
+        share = self.global_batch // world_size
+        per_device = min(self.per_device_batch, share)
+        while share % per_device:
+            per_device -= 1
+        return per_device, share // per_device
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Accumulation steps of `batch_plan` (kept for callers that only need this number)."""
+        return self.batch_plan(world_size)[1]
 
 
 @dataclass
