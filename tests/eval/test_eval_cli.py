@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from convllava_jp.eval.commands import main
+from convllava_jp.cli import main
 from convllava_jp.eval.report import ARTICLE_ROWS
 
 from .test_runner import heron_judge, judge_server
@@ -38,7 +38,7 @@ def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def eval_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "convllava_jp.eval.commands", "eval", "--no-progress", *args]
+    return [sys.executable, "-m", "convllava_jp.cli", "eval", "--no-progress", *args]
 
 
 def run_cli(tmp_path: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
@@ -61,10 +61,10 @@ def test_help_explains_the_command_and_imports_no_torch(tmp_path):
         "import json, sys\n"
         "import convllava_jp\n"
         "root = 'torch' in sys.modules\n"
-        "from convllava_jp.eval import commands\n"
+        "from convllava_jp import cli\n"
         "print(json.dumps({'root': root, 'ours': 'torch' in sys.modules or 'transformers' in sys.modules}),"
         " file=sys.stderr)\n"
-        "sys.exit(commands.main(['eval', '--help']))\n"
+        "sys.exit(cli.main(['eval', '--help']))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], env=cli_env(tmp_path), capture_output=True, text=True,
                             timeout=60)  # fmt: skip

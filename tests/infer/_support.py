@@ -79,7 +79,7 @@ def subprocess_env() -> dict[str, str]:
 
 def command(*args: str) -> list[str]:
     """argv running one of the infer subcommands in a fresh interpreter."""
-    return [sys.executable, "-m", "convllava_jp.infer.commands", *args]
+    return [sys.executable, "-m", "convllava_jp.cli", *args]
 
 
 class RunningServer:

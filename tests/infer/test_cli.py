@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from convllava_jp.infer import commands
+from convllava_jp import cli
 from convllava_jp.infer.generation import GenerationConfig, GenerationRequest
 
 from ._support import command, subprocess_env
@@ -32,13 +32,13 @@ def run(*args: str, stdin: str | None = None, timeout: float = 120) -> subproces
 
 def test_help_lists_the_commands_and_their_options(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        commands.main(["--help"])
+        cli.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for name in ("chat", "predict", "serve", "webui"):
         assert name in text
     with pytest.raises(SystemExit):
-        commands.main(["serve", "--help"])
+        cli.main(["serve", "--help"])
     text = capsys.readouterr().out
     for option in (
         "--allow-local-files",
@@ -111,7 +111,7 @@ def test_predict_resumes_after_a_real_kill(model_dir, pipeline, images, tmp_path
     assert {r["id"]: r["answer"] for r in final} == want
     assert all(r["finish_reason"] == "length" and r["completion_tokens"] == TOKENS for r in final)
 
-    assert commands.main(args) == 0  # all done: nothing to do, file unchanged
+    assert cli.main(args) == 0  # all done: nothing to do, file unchanged
     assert read_output(out) == final
 
 
@@ -135,7 +135,7 @@ def test_predict_cuts_a_torn_line_and_reports_bad_records(model_dir, pipeline, i
     out.write_text(json.dumps(first, ensure_ascii=False) + '\n{"id": "q1", "answ', encoding="utf-8")
 
     argv = ["predict", "--model", str(model_dir), "--input", str(inp), "--output", str(out)]
-    assert commands.main([*argv, "--max-new-tokens", str(TOKENS), "--device", "cpu"]) == 1
+    assert cli.main([*argv, "--max-new-tokens", str(TOKENS), "--device", "cpu"]) == 1
     assert "missing.png" in caplog.text and "record q3" in caplog.text
     final = read_output(out)
     assert [r["id"] for r in final] == ["q0", "q1", "q2", "q4", "q5"]
@@ -147,7 +147,7 @@ def test_predict_rejects_a_broken_input_file(model_dir, tmp_path, capsys):
     inp = tmp_path / "bad.jsonl"
     inp.write_text('{"id": 1, "question": "x"}\nnot json\n', encoding="utf-8")
     argv = ["predict", "--model", str(model_dir), "--input", str(inp), "--output", str(tmp_path / "o.jsonl")]
-    assert commands.main(argv) == 2
+    assert cli.main(argv) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
 
 

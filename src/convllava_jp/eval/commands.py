@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections.abc import Sequence
 
-from ..errors import ConfigError, ConvLlavaError
+from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -235,29 +234,3 @@ def cmd_eval(args: argparse.Namespace) -> int:
     print(tables.markdown, end="")
     print(f"\nwrote {md_path} and {csv_path}")
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m convllava_jp.eval.commands eval ...`: the eval subcommand without the full CLI."""
-    parser = argparse.ArgumentParser(prog="convllava-jp")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    register(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return int(args.func(args) or 0)
-    except ConvLlavaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

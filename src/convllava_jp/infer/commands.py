@@ -1,8 +1,7 @@
 """`convllava-jp chat | predict | serve | webui`: thin argparse front ends of the infer package.
 
-`register(subparsers)` adds the four subcommands to the main `convllava-jp` parser; `main(argv)`
-runs them alone (`python -m convllava_jp.infer.commands serve --model DIR`). torch and
-transformers are imported inside the commands, so `--help` stays instant.
+`register(subparsers)` adds the four subcommands to the main `convllava-jp` parser (cli.py).
+torch and transformers are imported inside the commands, so `--help` stays instant.
 """
 
 from __future__ import annotations
@@ -471,31 +470,3 @@ def register(subparsers) -> None:
         "--request-timeout", type=float, default=300.0, help="seconds per answer (default: %(default)s)"
     )
     p.set_defaults(func=cmd_webui)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convllava-jp", description="ConvLLaVA-JP inference commands.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    register(parser.add_subparsers(dest="command", required=True, metavar="COMMAND"))
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one of the inference subcommands (used by tests until `convllava-jp` wires them in)."""
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    try:
-        return int(args.func(args) or 0)
-    except ConvLlavaError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
