@@ -57,62 +57,38 @@ VISION_SPEC_HELP = (
 # timm ConvNeXt trunk <-> transformers ConvNextModel. `{i}` is the stage, `{j}` the block.
 # The reference LLaVA-JP code names the block's layer scale `weight` instead of timm's `gamma`
 # (transformers<5 renamed `gamma` keys to `weight` on load), so both spellings are read.
-_TIMM_TO_HF: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"stem\.0\.(weight|bias)"), r"embeddings.patch_embeddings.\1"),
-    (re.compile(r"stem\.1\.(weight|bias)"), r"embeddings.layernorm.\1"),
-    (
-        re.compile(r"stages\.(\d+)\.downsample\.([01])\.(weight|bias)"),
-        r"encoder.stages.\1.downsampling_layer.\2.\3",
-    ),
-    (
-        re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.(?:gamma|weight)"),
-        r"encoder.stages.\1.layers.\2.layer_scale_parameter",
-    ),
-    (
-        re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.conv_dw\.(weight|bias)"),
-        r"encoder.stages.\1.layers.\2.dwconv.\3",
-    ),
-    (
-        re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.norm\.(weight|bias)"),
-        r"encoder.stages.\1.layers.\2.layernorm.\3",
-    ),
-    (
-        re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc1\.(weight|bias)"),
-        r"encoder.stages.\1.layers.\2.pwconv1.\3",
-    ),
-    (
-        re.compile(r"stages\.(\d+)\.blocks\.(\d+)\.mlp\.fc2\.(weight|bias)"),
-        r"encoder.stages.\1.layers.\2.pwconv2.\3",
-    ),
+_KEY_PAIRS = [  # (timm name, ConvNextModel name)
+    ("stem.0.{wb}", "embeddings.patch_embeddings.{wb}"),
+    ("stem.1.{wb}", "embeddings.layernorm.{wb}"),
+    ("stages.{i}.downsample.{k}.{wb}", "encoder.stages.{i}.downsampling_layer.{k}.{wb}"),
+    ("stages.{i}.blocks.{j}.{gamma}", "encoder.stages.{i}.layers.{j}.layer_scale_parameter"),
+    ("stages.{i}.blocks.{j}.conv_dw.{wb}", "encoder.stages.{i}.layers.{j}.dwconv.{wb}"),
+    ("stages.{i}.blocks.{j}.norm.{wb}", "encoder.stages.{i}.layers.{j}.layernorm.{wb}"),
+    ("stages.{i}.blocks.{j}.mlp.fc1.{wb}", "encoder.stages.{i}.layers.{j}.pwconv1.{wb}"),
+    ("stages.{i}.blocks.{j}.mlp.fc2.{wb}", "encoder.stages.{i}.layers.{j}.pwconv2.{wb}"),
 ]
-_HF_TO_TIMM: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"embeddings\.patch_embeddings\.(weight|bias)"), r"stem.0.\1"),
-    (re.compile(r"embeddings\.layernorm\.(weight|bias)"), r"stem.1.\1"),
-    (
-        re.compile(r"encoder\.stages\.(\d+)\.downsampling_layer\.([01])\.(weight|bias)"),
-        r"stages.\1.downsample.\2.\3",
-    ),
-    (
-        re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layer_scale_parameter"),
-        r"stages.\1.blocks.\2.gamma",
-    ),
-    (
-        re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.dwconv\.(weight|bias)"),
-        r"stages.\1.blocks.\2.conv_dw.\3",
-    ),
-    (
-        re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.layernorm\.(weight|bias)"),
-        r"stages.\1.blocks.\2.norm.\3",
-    ),
-    (
-        re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv1\.(weight|bias)"),
-        r"stages.\1.blocks.\2.mlp.fc1.\3",
-    ),
-    (
-        re.compile(r"encoder\.stages\.(\d+)\.layers\.(\d+)\.pwconv2\.(weight|bias)"),
-        r"stages.\1.blocks.\2.mlp.fc2.\3",
-    ),
-]
+_FIELDS = {"i": r"\d+", "j": r"\d+", "k": "[01]", "wb": "weight|bias", "gamma": "gamma|weight"}
+
+
+def _key_table(pairs: list[tuple[str, str]]) -> list[tuple[re.Pattern[str], str]]:
+    """(source template, target template) -> (regex over source keys, `match.expand` template).
+
+    `{gamma}` matches both layer-scale spellings and is always written as timm's `gamma`.
+    """
+    table = []
+    for source, target in pairs:
+        pattern = re.escape(source)
+        for name, regex in _FIELDS.items():
+            pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{regex})")
+        template = target.replace("{gamma}", "gamma")
+        for name in _FIELDS:
+            template = template.replace("{" + name + "}", rf"\g<{name}>")
+        table.append((re.compile(pattern), template))
+    return table
+
+
+_TIMM_TO_HF = _key_table(_KEY_PAIRS)
+_HF_TO_TIMM = _key_table([(hf, timm) for timm, hf in _KEY_PAIRS])
 # Parts of a timm ConvNeXt that are not the trunk: the classifier head and the (usually identity)
 # norm before it. The vision tower ends at the last stage's feature map.
 _TIMM_NON_TRUNK = ("head.", "norm_pre.")
