@@ -247,13 +247,16 @@ class ContinuousBatcher:
             self._cond.notify()
         return ticket
 
-    def generate(
+    def _events(
         self,
         request: GenerationRequest | EncodedConversation,
-        config: GenerationConfig | None = None,
-        timeout: float | None = None,
-    ) -> GenerationResult:
-        """Blocking: submit and wait for the result (TimeoutError after `timeout` s, request cancelled)."""
+        config: GenerationConfig | None,
+        timeout: float | None,
+    ) -> Iterator[StreamEvent]:
+        """Submit and yield the request's events until its result; cancelled when left early.
+
+        Raises the request's error, or TimeoutError after `timeout` s.
+        """
         events: queue.Queue[StreamEvent] = queue.Queue()
         ticket = self.submit(request, config, events.put)
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -264,12 +267,25 @@ class ContinuousBatcher:
                     event = events.get(timeout=left)
                 except queue.Empty:
                     raise TimeoutError(f"no answer within {timeout} s") from None
+                yield event
                 if event.error is not None:
                     raise event.error
                 if event.result is not None:
-                    return event.result
+                    return
         finally:
             ticket.cancel()
+
+    def generate(
+        self,
+        request: GenerationRequest | EncodedConversation,
+        config: GenerationConfig | None = None,
+        timeout: float | None = None,
+    ) -> GenerationResult:
+        """Blocking: submit and wait for the result (TimeoutError after `timeout` s, request cancelled)."""
+        for event in self._events(request, config, timeout):
+            if event.error is None and event.result is not None:
+                return event.result
+        raise RuntimeError("the request ended without a result")  # _events returns only after one
 
     def stream(
         self,
@@ -278,24 +294,9 @@ class ContinuousBatcher:
         timeout: float | None = None,
     ) -> Iterator[str]:
         """Blocking iterator of text pieces; leaving it early cancels the request."""
-        events: queue.Queue[StreamEvent] = queue.Queue()
-        ticket = self.submit(request, config, events.put)
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            while True:
-                left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-                try:
-                    event = events.get(timeout=left)
-                except queue.Empty:
-                    raise TimeoutError(f"no answer within {timeout} s") from None
-                if event.piece:
-                    yield event.piece
-                if event.error is not None:
-                    raise event.error
-                if event.result is not None:
-                    return
-        finally:
-            ticket.cancel()
+        for event in self._events(request, config, timeout):
+            if event.piece:
+                yield event.piece
 
     # --- engine ------------------------------------------------------------------------------
     def _run(self) -> None:
