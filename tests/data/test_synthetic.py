@@ -35,7 +35,18 @@ def scene_triples(scene: dict) -> list[tuple[str, str, str]]:
 
 
 def parse_caption(text: str) -> tuple[list[tuple[str, str, str]], int | None]:
-    """(position, colour, shape) in the order written, and the count if the caption states one."""
+    """(position, colour, shape) in the order written, and the count if the caption states one.
+
+    A colour-keyed caption ('赤い円と青い四角があります。') has no positions: (None, colour, shape).
+    """
+    if m := re.fullmatch(rf"((?:(?:{_ADJ})(?:{_SHAPE})と)*(?:{_ADJ})(?:{_SHAPE}))があります。", text):
+        parts = m.group(1).split("と")
+        triples = []
+        for part in parts:
+            p = re.fullmatch(rf"({_ADJ})({_SHAPE})", part)
+            assert p, (part, text)
+            triples.append((None, ADJECTIVES[p.group(1)], p.group(2)))
+        return triples, None
     m = re.fullmatch(r"(?:画像には|図形は(\d)つで、)?(.*)があります。", text)
     assert m, text
     parts = re.split("があり、|、", m.group(2))
@@ -53,10 +64,10 @@ def oracle(question: str, triples: list[tuple[str, str, str]]) -> tuple[str, str
         return "count", f"{len(triples)}つです。"
     if m := re.fullmatch(rf"({_ADJ})図形はどんな形ですか？", question):
         (shape,) = [s for _, c, s in triples if c == ADJECTIVES[m.group(1)]]
-        return "shape_of_colour", f"{shape}です。"
+        return "shape_of_colour", f"{m.group(1)}{shape}です。"
     if m := re.fullmatch(rf"({_POS})にある図形は何色ですか？", question):
         (colour,) = [c for p, c, _ in triples if p == m.group(1)]
-        return "colour_at_position", f"{NOUNS[colour]}です。"
+        return "colour_at_position", f"{m.group(1)}は{NOUNS[colour]}です。"
     if m := re.fullmatch(rf"({_ADJ})({_SHAPE})はありますか？", question):
         present = (ADJECTIVES[m.group(1)], m.group(2)) in {(c, s) for _, c, s in triples}
         return "yes_no", "はい、あります。" if present else "いいえ、ありません。"
@@ -200,11 +211,17 @@ def test_captions_name_every_shape_in_grid_order(world):
         assert human == {"from": "human", "value": "<image>\n画像を説明してください。"}
         triples, count = parse_caption(gpt["value"])
         expected = scene_triples(r["scene"])
-        assert triples == expected == sorted(expected, key=lambda t: POSITIONS.index(t[0]))
+        assert expected == sorted(expected, key=lambda t: POSITIONS.index(t[0]))
+        if triples[0][0] is None:  # colour-keyed: every shape, in the colours' fixed order
+            by_colour = sorted(expected, key=lambda t: list(ADJECTIVES.values()).index(t[1]))
+            assert triples == [(None, c, s) for _, c, s in by_colour]
+            variants["by colour"] += 1
+        else:
+            assert triples == expected
         assert count in (None, len(expected))
         assert len({c for _, c, _ in expected}) == len(expected)  # colours distinct within an image
         variants[gpt["value"][:2]] += 1
-    assert len(variants) >= 3  # the phrasing varies
+    assert len(variants) >= 4 and variants["by colour"]  # the phrasing varies
 
 
 def test_stage3_answers_match_the_scene(world):
@@ -227,7 +244,11 @@ def test_stage3_answers_match_the_scene(world):
             qtypes[kind] += 1
             if kind == "describe":
                 assert i == len(questions) - 1  # last, so no later answer can be read off it
-                assert parse_caption(answer)[0] == triples
+                described = parse_caption(answer)[0]
+                if described[0][0] is None:
+                    assert sorted(described) == sorted((None, c, s) for _, c, s in triples)
+                else:
+                    assert described == triples
             else:
                 assert answer == expected, (r["id"], question)
             if m := re.match(_ADJ, question):
@@ -246,7 +267,7 @@ def test_test_split_is_balanced_single_questions(world):
         assert human["value"].startswith("<image>\n")
         kind, expected = oracle(question, scene_triples(r["scene"]))
         assert kind == r["qtype"] and gpt["value"] == r["answer"] == expected
-        by_type[kind][r["answer"]] += 1
+        by_type[kind][r["label"]] += 1
     assert {k: sum(c.values()) for k, c in by_type.items()} == dict.fromkeys(CHANCE, 30)
     for qtype, counts in by_type.items():
         # exactly balanced: the majority-class baseline is at chance (up to rounding)
@@ -255,7 +276,7 @@ def test_test_split_is_balanced_single_questions(world):
 
 
 def test_stage3_answers_are_balanced_and_not_guessable_from_the_question():
-    """On many conversations: each type's answers are uniform, and knowing the question text
+    """On many conversations: each type's answer classes are uniform, and knowing the question text
     (the best a model that ignores the image can use) predicts no better than chance."""
     answers = defaultdict(Counter)
     per_question = defaultdict(lambda: defaultdict(Counter))
@@ -264,8 +285,8 @@ def test_stage3_answers_are_balanced_and_not_guessable_from_the_question():
         scene = synthetic._sample_scene(rng, 128)
         for qa in synthetic._conversation(scene, rng, allow_describe=True):
             if qa.qtype != "describe":
-                answers[qa.qtype][qa.answer] += 1
-                per_question[qa.qtype][qa.question][qa.answer] += 1
+                answers[qa.qtype][qa.label] += 1
+                per_question[qa.qtype][qa.question][qa.label] += 1
     for qtype, chance in CHANCE.items():
         counts = answers[qtype]
         n = sum(counts.values())
@@ -334,10 +355,26 @@ def test_tokenizer_vocabulary(tokenizer):
     assert specials <= set(vocab)
     learned = [t for t in vocab if t not in specials and not re.fullmatch(r"<0x[0-9A-F]{2}>", t)]
     assert learned and max(len(t) for t in learned) <= 3
-    assert any(len(t) == 3 for t in learned) or any(len(t) == 2 for t in learned)  # BPE did merge
+    assert any(len(t) == 3 for t in learned)  # the cap is 3 characters, not 2
     assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (EOS, "<pad>", "<unk>")
     assert len({tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}) == 3
     assert tokenizer.bos_token is None
+
+
+def test_world_words_are_whole_tokens(tokenizer):
+    """Colours, shapes and positions (with their particle) are one token wherever they occur,
+    never merged with a neighbour (BPE had made 黄色い星 into 黄色 + い星)."""
+    cases = {
+        "左上にある図形は何色ですか？": ["左上に"],
+        "右下は緑色です。": ["右下は", "緑色"],
+        "左下に黄色い星、右上に紫の三角があります。": ["左下に", "黄色い", "星", "右上に", "紫の", "三角"],
+        "青い四角はありません。": ["青い", "四角"],
+        "赤い円です。": ["赤い", "円"],
+    }
+    for text, words in cases.items():
+        tokens = tokenizer.tokenize(text)
+        assert all(w in tokens for w in words), (text, tokens)
+        assert "".join(tokens) == text
 
 
 def test_image_and_eos_are_single_tokens(tokenizer):

@@ -70,18 +70,26 @@ def losses_by_step(stage_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="session")
-def broken_stage1(tiny_world: Path, tmp_path_factory) -> Path:
-    """The tiny world's captions plus 3 records whose image is missing (skipped, counted).
+def broken_stage1(tiny_world: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
+    """The tiny world's captions with 3 records whose image is missing (skipped, counted).
 
-    With batch 4 and seed 0 they are met at steps 2, 5 and 6 (test_resume relies on 5 and 6
-    falling between checkpoint-4 and the kill).
+    The broken records replace the ones the sampler (batch 4, seed 0) draws first at steps 2, 5
+    and 6 (test_resume relies on 5 and 6 falling between checkpoint-4 and the kill). A record's
+    sampling length does not depend on its image path, so replacing keeps the order.
     """
+    from convllava_jp.data.dataset import ConversationDataset, DataSource, ModalityLengthGroupedSampler
+    from convllava_jp.data.processor import ConvLlavaProcessor
+
     records = json.loads((tiny_world / "stage1.json").read_text(encoding="utf-8"))
-    for k, i in enumerate((10, 20, 30)):
-        bad = dict(records[i], id=f"broken_{k}", image=f"images/missing_{k}.png")
-        records.insert(i, bad)
-    path = tmp_path_factory.mktemp("broken") / "stage1_broken.json"
     for r in records:
         r["image"] = str(tiny_world / r["image"])
+    path = tmp_path_factory.mktemp("broken") / "stage1_broken.json"
+    path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    processor = ConvLlavaProcessor.from_pretrained(tiny_model_dir)
+    dataset = ConversationDataset([DataSource(path)], processor, "plain", TEST_DEFAULTS["max_length"])
+    order = list(ModalityLengthGroupedSampler(dataset.lengths, 4, seed=0))
+    for k, step in enumerate((2, 5, 6)):
+        i = order[4 * (step - 1)]
+        records[i] = dict(records[i], id=f"broken_{k}", image=str(tiny_world / f"images/missing_{k}.png"))
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
     return path
