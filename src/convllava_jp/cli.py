@@ -212,14 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="the built-in demo: synthetic world -> 3 training stages on a tiny model -> held-out scores",
     )
     p.add_argument("--output", default="demo-output", help="output dir (default: %(default)s)")
-    p.add_argument("--train", type=int, default=2000, help="training images (default: %(default)s)")
+    p.add_argument("--train", type=int, default=8000, help="training images (default: %(default)s)")
     p.add_argument("--test", type=int, default=400, help="held-out images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
     p.add_argument(
         "--vision-steps",
         type=int,
-        default=150,
+        default=1000,
         help="steps of the vision tower's pretraining on the world, the demo's stand-in for CLIP (default: %(default)s)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -20,13 +20,13 @@ log = logging.getLogger(__name__)
 
 def run_demo(
     output_dir: str | Path = "demo-output",
-    n_train: int = 2000,
+    n_train: int = 8000,
     n_test: int = 400,
     seed: int = 0,
     step_scale: float = 1.0,
     overrides: list[str] | None = None,
     threads: int | None = None,
-    vision_steps: int = 150,
+    vision_steps: int = 1000,
 ) -> dict:
     """Run the whole demo; returns (and writes to DIR/demo_results.json) the results dict.
 

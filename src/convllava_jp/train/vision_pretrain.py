@@ -1,12 +1,21 @@
 """Pretrain the tiny vision tower on the synthetic world: the demo's stand-in for CLIP.
 
 In the article the ConvNeXt arrives CLIP-pretrained before stage 1. The demo's tiny ConvNeXt
-starts random, and a random tower's image tokens carry the shapes' colours only weakly (a large
+starts random, and a random tower's image tokens carry the shapes only weakly (a large
 image-independent component dominates them), so the tiny LLM takes thousands of steps to start
-reading them. This short supervised pass gives the tower what pretraining gives the real one:
-tokens that already separate what is in each grid cell. Each of the 2x2 stage-5 tokens predicts
-the colour and shape in its cell (or "none") through throwaway linear heads; only the tower's
-weights are kept.
+reading them. This supervised pass gives the tower what pretraining gives the real one: tokens
+that already separate what is in each grid cell. Each of the 2x2 stage-5 tokens predicts the
+colour and shape in its cell (or "none") and which cell it is, through linear heads.
+
+What the LLM can learn in the demo's budget depends on how clean its image tokens are
+(measured on captions, the LLM trained alone): with exact one-hot colour/shape features it
+binds words to image tokens in ~200 steps; with the tower's raw features behind a fresh
+projector, where a constant offset is ~96% of every token's norm, not in 600. So the pass ends
+by starting the projector from the heads (`init_projector_from_heads`): its first Linear
+computes the heads' standardized scores and the tokens are centred, which brings the LLM close
+to the one-hot case. The recipe then trains the projector with a small learning rate: at the
+full one, the shape scores were overwritten before the LLM learned to read them (held-out
+shape_of_colour 28% vs 74% with the projector held).
 """
 
 from __future__ import annotations
@@ -101,6 +110,9 @@ def pretrain_vision_on_world(
                 loss=f"{loss.item():.3f}", colour=f"{acc['colour']:.2f}", shape=f"{acc['shape']:.2f}"
             )
     model.eval()
+    stats = init_projector_from_heads(
+        model, processor, heads, [world_dir / r["image"] for r in rng.sample(records, min(512, len(records)))]
+    )
     save_model_dir(model, processor, model_dir)
     log.info(
         "vision pretraining: %d steps, cell colour acc %.2f, shape acc %.2f",
@@ -108,4 +120,57 @@ def pretrain_vision_on_world(
         acc["colour"],
         acc["shape"],
     )
-    return {"steps": steps, "final_loss": float(loss.item()), **acc}
+    return {"steps": steps, "final_loss": float(loss.item()), **acc, **stats}
+
+
+@torch.no_grad()
+def init_projector_from_heads(
+    model, processor, heads: tuple[nn.Linear, ...], images: list, scale: float = 2.0
+) -> dict:
+    """Start the projector from what the pretraining heads read off each token.
+
+    The first Linear's first rows become the heads' rows (each token's colour, shape and cell
+    scores), standardized over `images` to zero mean and std `scale` per row; its other rows
+    start at zero. The last Linear's bias is set so the projected tokens average to zero over
+    `images`: no image-independent component for the LLM's attention to drown in. The later
+    stages train every weight; this only decides what the LLM sees first.
+    Returns the constant share of the image tokens' norm before and after.
+    """
+    first, last = model.projector[0], model.projector[-1]
+    rows = sum(h.out_features for h in heads)
+    if not isinstance(first, nn.Linear) or first.bias is None or first.out_features < rows:
+        raise ConfigError(
+            f"the projector must start with a Linear layer (bias, >= {rows} outputs), not {first!r}"
+        )
+    if not isinstance(last, nn.Linear) or last.bias is None:
+        raise ConfigError(f"the projector must end with a Linear layer with bias, not {last!r}")
+    if not images:
+        raise ConfigError("initializing the projector needs at least one image")
+    model.eval()
+    feats = []
+    for i in range(0, len(images), 128):
+        pixels = torch.stack(processor.preprocess_images([str(x) for x in images[i : i + 128]]))
+        feats.append(model.encode_images(pixels).flatten(0, 1))
+    feats = torch.cat(feats)
+
+    def constant_share() -> float:
+        tokens = model.projector(feats)
+        return (tokens.mean(0).norm() / tokens.norm(dim=-1).mean().clamp_min(1e-12)).item()
+
+    before = constant_share()
+    weight = torch.cat([h.weight for h in heads])
+    bias = torch.cat([h.bias for h in heads])
+    scores = feats @ weight.T + bias
+    mean, std = scores.mean(0), scores.std(0).clamp_min(1e-6)
+    first.weight.zero_()
+    first.bias.zero_()
+    first.weight[:rows] = weight * (scale / std)[:, None]
+    first.bias[:rows] = (bias - mean) * (scale / std)
+    last.bias.sub_(model.projector(feats).mean(0))
+    after = constant_share()
+    log.info(
+        "projector initialized from the pretraining heads: constant share of image tokens %.2f -> %.2f",
+        before,
+        after,
+    )
+    return {"projector_rows_from_heads": rows, "constant_share_before": before, "constant_share_after": after}
