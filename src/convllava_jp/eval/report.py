@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .runner import SCORING_PACKAGES
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -260,26 +262,16 @@ def _settings_table(summaries: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-_SCORING = (
-    "rouge-score",
-    "fugashi",
-    "unidic-lite",
-    "neologdn",
-    "emoji",
-    "sacrebleu",
-    "mecab-python3",
-    "ipadic",
-)
-
-
 def _scoring_versions(summaries: Sequence[Mapping[str, Any]]) -> str:
     """'rouge-score 0.1.2, fugashi 1.5.2, ...' (each package's versions across the summaries)."""
     versions: dict[str, set[str]] = {}
     for s in summaries:
         for name, version in (s.get("settings", {}).get("scoring_packages") or {}).items():
-            if name in _SCORING and version:
+            if name in SCORING_PACKAGES and version:
                 versions.setdefault(name, set()).add(version)
-    return ", ".join(f"{name} {'/'.join(sorted(versions[name]))}" for name in _SCORING if name in versions)
+    return ", ".join(
+        f"{name} {'/'.join(sorted(versions[name]))}" for name in SCORING_PACKAGES if name in versions
+    )
 
 
 def write_summary(

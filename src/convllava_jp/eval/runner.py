@@ -39,6 +39,7 @@ __all__ = [
     "EvalSettings",
     "ModelSpec",
     "PACKAGES",
+    "SCORING_PACKAGES",
     "generate_predictions",
     "model_fingerprint",
     "package_versions",
@@ -47,13 +48,8 @@ __all__ = [
     "run_task",
 ]
 
-# Packages whose version can move a number: the model code, generation, tokenizers and scorers.
-PACKAGES = (
-    "convllava-jp",
-    "torch",
-    "transformers",
-    "tokenizers",
-    "datasets",
+# Packages whose version can move a score: the scorers and the tokenizers/normalizers they use.
+SCORING_PACKAGES = (
     "rouge-score",
     "fugashi",
     "unidic-lite",
@@ -63,6 +59,8 @@ PACKAGES = (
     "mecab-python3",
     "ipadic",
 )
+# Packages whose version can move a number: the model code, generation, tokenizers and scorers.
+PACKAGES = ("convllava-jp", "torch", "transformers", "tokenizers", "datasets", *SCORING_PACKAGES)
 
 PREDICTIONS = "prediction.jsonl"
 EVALUATION = "evaluation.jsonl"

@@ -337,13 +337,14 @@ class ConvLlavaTrainer(Trainer):
                 shutil.rmtree(final)
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
-            _fsync_dir(run_dir)
+            _fsync(run_dir)
             _rotate_checkpoints(run_dir, self.args.save_total_limit)
             log.info("checkpoint %s saved", final)
         _barrier()
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """fsync a file or a directory (its entries); best effort where the OS refuses."""
     try:
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -357,18 +358,9 @@ def _fsync_dir(path: Path) -> None:
 def _fsync_tree(root: Path) -> None:
     """Flush a finished checkpoint's files to disk before the rename publishes it (power loss)."""
     for path in sorted(root.rglob("*"), reverse=True):
-        if path.is_file():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-            except OSError:
-                pass
-        elif path.is_dir():
-            _fsync_dir(path)
-    _fsync_dir(root)
+        if path.is_file() or path.is_dir():
+            _fsync(path)
+    _fsync(root)
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:

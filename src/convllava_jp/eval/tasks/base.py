@@ -92,6 +92,14 @@ def image_source(value: Any, base_dir: Path | None, where: str) -> Any:
     raise DataError(f"{where}: cannot use {type(value).__name__} as an image (expected bytes, path or image)")
 
 
+def required_image(value: Any, base_dir: Path | None, where: str, column: str = "image") -> Any:
+    """`image_source` for a column every row must fill: DataError when the cell is empty."""
+    image = image_source(value, base_dir, where)
+    if image is None:
+        raise DataError(f"{where}: {column!r} is empty")
+    return image
+
+
 # --- opening a dataset --------------------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ...errors import DataError
 from ..metrics import HERON_CATEGORIES, heron_aggregate
-from .base import IMAGE_TAG, RowSource, Sample, Task, image_source
+from .base import IMAGE_TAG, RowSource, Sample, Task, required_image
 from .registry import register_task
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,7 @@ class JapaneseHeronBench(Task):
             category = self.text(row["category"], where, "category")
             if category not in HERON_CATEGORIES:
                 raise DataError(f"{where}: category {category!r} is not one of {list(HERON_CATEGORIES)}")
-            image = image_source(row["image"], source.base_dir, where)
-            if image is None:
-                raise DataError(f"{where}: 'image' is empty")
+            image = required_image(row["image"], source.base_dir, where)
             samples.append(
                 Sample(
                     id=str(row["question_id"]),

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...errors import DataError
-from .base import IMAGE_TAG, RowSource, Sample, Task, image_source
+from .base import IMAGE_TAG, RowSource, Sample, Task, required_image
 from .registry import register_task
 
 QA_KEYS = ("qa_id", "question", "answer")
@@ -48,9 +48,7 @@ class JaVGVQA500(Task):
         samples = []
         for i, row in enumerate(source):
             where = f"{source.origin} row {i}"
-            image = image_source(row["image"], source.base_dir, where)
-            if image is None:
-                raise DataError(f"{where}: 'image' is empty")
+            image = required_image(row["image"], source.base_dir, where)
             for j, qa in enumerate(_qa_list(row["qas"], where)):
                 missing = [k for k in QA_KEYS if k not in qa]
                 if missing:

@@ -5,8 +5,7 @@ One image, question and answer a row; llm-jp-eval-mm numbers the rows 0..N-1 as 
 
 from __future__ import annotations
 
-from ...errors import DataError
-from .base import IMAGE_TAG, RowSource, Sample, Task, image_source
+from .base import IMAGE_TAG, RowSource, Sample, Task, required_image
 from .registry import register_task
 
 
@@ -24,9 +23,7 @@ class JaVLMBenchInTheWild(Task):
         samples = []
         for i, row in enumerate(source):
             where = f"{source.origin} row {i}"
-            image = image_source(row["image"], source.base_dir, where)
-            if image is None:
-                raise DataError(f"{where}: 'image' is empty")
+            image = required_image(row["image"], source.base_dir, where)
             samples.append(
                 Sample(
                     id=str(i),
