@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--vision-steps",
         type=int,
-        default=1000,
+        default=3000,
         help="steps of the vision tower's pretraining on the world, the demo's stand-in for CLIP (default: %(default)s)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

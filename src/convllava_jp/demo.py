@@ -26,7 +26,7 @@ def run_demo(
     step_scale: float = 1.0,
     overrides: list[str] | None = None,
     threads: int | None = None,
-    vision_steps: int = 1000,
+    vision_steps: int = 3000,
 ) -> dict:
     """Run the whole demo; returns (and writes to DIR/demo_results.json) the results dict.
 

@@ -20,7 +20,7 @@ from convllava_jp.data import synthetic, templates
 from convllava_jp.errors import ConfigError, DataError
 
 ADJECTIVES = {"赤い": "赤", "青い": "青", "緑の": "緑", "黄色い": "黄", "紫の": "紫"}
-NOUNS = {"赤": "赤色", "青": "青色", "緑": "緑色", "黄": "黄色", "紫": "紫色"}
+ADJ_OF = {colour: adjective for adjective, colour in ADJECTIVES.items()}
 POSITIONS = ("左上", "右上", "左下", "右下")
 SHAPE_WORDS = ("円", "四角", "三角", "星")
 _ADJ = "|".join(ADJECTIVES)
@@ -67,10 +67,13 @@ def oracle(question: str, triples: list[tuple[str, str, str]]) -> tuple[str, str
         return "shape_of_colour", f"{m.group(1)}{shape}です。"
     if m := re.fullmatch(rf"({_POS})にある図形は何色ですか？", question):
         (colour,) = [c for p, c, _ in triples if p == m.group(1)]
-        return "colour_at_position", f"{m.group(1)}は{NOUNS[colour]}です。"
+        return "colour_at_position", f"{m.group(1)}に{ADJ_OF[colour]}図形があります。"
     if m := re.fullmatch(rf"({_ADJ})({_SHAPE})はありますか？", question):
-        present = (ADJECTIVES[m.group(1)], m.group(2)) in {(c, s) for _, c, s in triples}
-        return "yes_no", "はい、あります。" if present else "いいえ、ありません。"
+        found = [s for _, c, s in triples if c == ADJECTIVES[m.group(1)]]
+        if not found:
+            return "yes_no", f"{m.group(1)}図形はありません。"
+        verdict = "があります" if found == [m.group(2)] else "しかありません"
+        return "yes_no", f"{m.group(1)}{found[0]}{verdict}。"
     if question == "画像を説明してください。":
         return "describe", ""
     raise AssertionError(f"unexpected question {question!r}")
@@ -170,6 +173,34 @@ def test_held_out_images_are_disjoint_from_train(world):
     stage3_images = {r["image"] for r in read_json(world.stage3)}
     assert stage3_images == {r["image"] for r in read_json(world.stage1)}
     assert not stage3_images & {r["image"] for r in read_json(world.test)}
+
+
+def test_drawn_scenes_are_a_deterministic_stream_apart_from_the_world(world):
+    def pixel_hash(image):
+        return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+
+    drawn = synthetic.draw_scenes(world.seed, 0, 40, world.image_size)
+    again = synthetic.draw_scenes(world.seed, 30, 10, world.image_size)
+    assert [pixel_hash(i) for i, _ in drawn[30:]] == [pixel_hash(i) for i, _ in again]
+    assert [s for _, s in drawn[30:]] == [s for _, s in again]
+    stored = {
+        hashlib.sha256(np.asarray(Image.open(world.root / r["image"])).tobytes()).hexdigest()
+        for r in read_json(world.stage1) + read_json(world.test)
+    }
+    assert not stored & {pixel_hash(i) for i, _ in drawn}
+    for image, scene in drawn:
+        assert image.size == (scene["width"], scene["height"]) and 1 <= len(scene["shapes"]) <= 4
+    with pytest.raises(ConfigError, match="integers >= 0"):
+        synthetic.draw_scenes(0, -1, 3)
+
+
+def test_yes_no_answers_name_what_the_image_has_before_the_verdict():
+    scene = {"shapes": [{"colour": "赤", "shape": "三角"}, {"colour": "青", "shape": "円"}]}
+    assert synthetic.yes_no_answer(scene, "赤", yes=False) == "赤い三角しかありません。"
+    assert synthetic.yes_no_answer(scene, "青", yes=True) == "青い円があります。"
+    assert synthetic.yes_no_answer(scene, "緑", yes=False) == "緑の図形はありません。"
+    with pytest.raises(ConfigError, match="cannot be yes"):
+        synthetic.yes_no_answer(scene, "緑", yes=True)
 
 
 def test_images_show_exactly_the_scene(world):
@@ -366,7 +397,8 @@ def test_world_words_are_whole_tokens(tokenizer):
     never merged with a neighbour (BPE had made 黄色い星 into 黄色 + い星)."""
     cases = {
         "左上にある図形は何色ですか？": ["左上に"],
-        "右下は緑色です。": ["右下は", "緑色"],
+        "右下に緑の図形があります。": ["右下に", "緑の"],
+        "黄色い図形はありません。": ["黄色い"],
         "左下に黄色い星、右上に紫の三角があります。": ["左下に", "黄色い", "星", "右上に", "紫の", "三角"],
         "青い四角はありません。": ["青い", "四角"],
         "赤い円です。": ["赤い", "円"],

@@ -7,6 +7,12 @@ reading them. This supervised pass gives the tower what pretraining gives the re
 that already separate what is in each grid cell. Each of the 2x2 stage-5 tokens predicts the
 colour and shape in its cell (or "none") and which cell it is, through linear heads.
 
+The scenes are drawn fresh every step (`data.synthetic.draw_scenes`), as a web-scale corpus
+would never repeat: on the world's 8000 stored training images the tower memorised them (1000
+steps: 65% held-out cell shape accuracy, worst on small shapes in padded non-square images),
+on fresh scenes 3000 steps of 16 reach 98.5-99.4% in ~110 s on 2 CPU cores. Held-out
+shape_of_colour followed: 32-75% -> 92-99%.
+
 What the LLM can learn in the demo's budget depends on how clean its image tokens are
 (measured on captions, the LLM trained alone): with exact one-hot colour/shape features it
 binds words to image tokens in ~200 steps; with the tower's raw features behind a fresh
@@ -20,16 +26,14 @@ shape_of_colour 28% vs 74% with the projector held).
 
 from __future__ import annotations
 
-import json
 import logging
-import random
 from pathlib import Path
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.synthetic import COLOURS, POSITIONS, SHAPES
+from ..data.synthetic import COLOURS, POSITIONS, SHAPES, draw_scenes, load_world_info
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -50,22 +54,30 @@ def _cell_labels(scene: dict) -> tuple[list[int], list[int]]:
 def pretrain_vision_on_world(
     model_dir: str | Path,
     world_dir: str | Path,
-    steps: int = 200,
-    batch_size: int = 32,
+    steps: int = 3000,
+    batch_size: int = 16,
     lr: float = 3e-3,
     seed: int = 0,
+    eval_images: int = 256,
 ) -> dict:
-    """Train `model_dir`'s vision tower in place on the world's scenes; returns final accuracies."""
+    """Train `model_dir`'s vision tower in place on fresh scenes of the world; returns accuracies.
+
+    Every step draws `batch_size` new scenes (`draw_scenes`, a stream apart from the world's
+    training and test images), so the tower learns the shapes rather than memorising images.
+    The returned "heldout_*" accuracies are measured on `eval_images` further unseen scenes,
+    over the grid cells that hold a shape.
+    """
     from ..model.weights import load_model_dir, save_model_dir
 
-    world_dir = Path(world_dir)
-    records = json.loads((world_dir / "stage1.json").read_text(encoding="utf-8"))
-    records = [r for r in records if isinstance(r.get("scene"), dict)]
-    if not records:
-        raise ConfigError(f"{world_dir}/stage1.json has no scene metadata to pretrain the vision tower on")
+    if not isinstance(steps, int) or steps < 1 or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"steps and batch_size must be integers >= 1, got {steps!r}, {batch_size!r}")
+    world = load_world_info(world_dir)
     model, processor = load_model_dir(model_dir, dtype=torch.float32)
-    if model.config.image_tokens(128, 128) != len(POSITIONS) and processor.image_processor.image_size != 128:
-        raise ConfigError("vision pretraining on the world needs a 2x2 token grid (128 px, stride 64)")
+    if model.config.image_tokens(128, 128) != len(POSITIONS) or processor.image_processor.mode != "pad":
+        raise ConfigError(
+            "vision pretraining on the world needs one image token per grid cell: a 2x2 token grid "
+            "(128 px, stride 64) and 'pad' preprocessing"
+        )
     width = model.config.vision_hidden_size
     colour_head = nn.Linear(width, len(COLOURS) + 1)
     shape_head = nn.Linear(width, len(SHAPES) + 1)
@@ -76,51 +88,67 @@ def pretrain_vision_on_world(
     params = [*model.vision_tower.parameters(), *(p for h in heads for p in h.parameters())]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = random.Random(seed)
     torch.manual_seed(seed)
+    # Scene indices: [0, eval_images) are held out for the accuracy, training draws after them.
+    stream_seed = world.seed * 1000 + seed
+
+    def batch(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        drawn = draw_scenes(stream_seed, start, n, world.image_size)
+        pixels = torch.stack(processor.preprocess_images([image for image, _ in drawn]))
+        labels = [_cell_labels(scene) for _, scene in drawn]
+        return pixels, torch.tensor([c for c, _ in labels]), torch.tensor([s for _, s in labels])
+
     model.train()
     loss_fn = nn.CrossEntropyLoss()
-    acc = {"colour": 0.0, "shape": 0.0}
     bar = tqdm(range(steps), desc="vision pretraining (CLIP stand-in)", unit="step")
     for step in bar:
-        batch = rng.sample(records, min(batch_size, len(records)))
-        pixels = torch.stack(processor.preprocess_images([str(world_dir / r["image"]) for r in batch]))
-        labels = [_cell_labels(r["scene"]) for r in batch]
-        colour_y = torch.tensor([c for c, _ in labels]).flatten()
-        shape_y = torch.tensor([s for _, s in labels]).flatten()
+        pixels, colour_y, shape_y = batch(eval_images + step * batch_size, batch_size)
         tokens = model.encode_images(pixels).flatten(0, 1)  # (B*4, C), cells row-major
-        colour_logits, shape_logits = colour_head(tokens), shape_head(tokens)
-        cell_y = torch.arange(len(POSITIONS)).repeat(len(batch))
+        cell_y = torch.arange(len(POSITIONS)).repeat(len(pixels))
         loss = (
-            loss_fn(colour_logits, colour_y)
-            + loss_fn(shape_logits, shape_y)
+            loss_fn(colour_head(tokens), colour_y.flatten())
+            + loss_fn(shape_head(tokens), shape_y.flatten())
             + loss_fn(cell_head(tokens), cell_y)
         )
         optimizer.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)  # as the stages' Trainer does
         optimizer.step()
         schedule.step()
-        with torch.no_grad():
-            acc = {
-                "colour": (colour_logits.argmax(-1) == colour_y).float().mean().item(),
-                "shape": (shape_logits.argmax(-1) == shape_y).float().mean().item(),
-            }
-        if step % 20 == 0 or step == steps - 1:
-            bar.set_postfix(
-                loss=f"{loss.item():.3f}", colour=f"{acc['colour']:.2f}", shape=f"{acc['shape']:.2f}"
-            )
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
+    acc = _heldout_accuracy(model, heads, batch, eval_images) if eval_images else {}
     stats = init_projector_from_heads(
-        model, processor, heads, [world_dir / r["image"] for r in rng.sample(records, min(512, len(records)))]
+        model,
+        processor,
+        heads,
+        [image for image, _ in draw_scenes(stream_seed, 0, min(512, max(eval_images, 64)), world.image_size)],
     )
     save_model_dir(model, processor, model_dir)
     log.info(
-        "vision pretraining: %d steps, cell colour acc %.2f, shape acc %.2f",
+        "vision pretraining: %d steps, held-out cell colour accuracy %s, shape accuracy %s",
         steps,
-        acc["colour"],
-        acc["shape"],
+        acc.get("heldout_colour"),
+        acc.get("heldout_shape"),
     )
-    return {"steps": steps, "final_loss": float(loss.item()), **acc, **stats}
+    return {"steps": steps, "batch_size": batch_size, "final_loss": float(loss.item()), **acc, **stats}
+
+
+@torch.no_grad()
+def _heldout_accuracy(model, heads, batch, n: int) -> dict:
+    """Colour and shape accuracy of the heads on scenes 0..n-1, over cells that hold a shape."""
+    colour_head, shape_head, _ = heads
+    right = {"colour": 0, "shape": 0}
+    total = 0
+    for start in range(0, n, 64):
+        pixels, colour_y, shape_y = batch(start, min(64, n - start))
+        tokens = model.encode_images(pixels)
+        filled = shape_y > 0
+        right["colour"] += int((colour_head(tokens).argmax(-1) == colour_y)[filled].sum())
+        right["shape"] += int((shape_head(tokens).argmax(-1) == shape_y)[filled].sum())
+        total += int(filled.sum())
+    return {f"heldout_{k}": v / max(total, 1) for k, v in right.items()}
 
 
 @torch.no_grad()
@@ -149,7 +177,8 @@ def init_projector_from_heads(
     model.eval()
     feats = []
     for i in range(0, len(images), 128):
-        pixels = torch.stack(processor.preprocess_images([str(x) for x in images[i : i + 128]]))
+        chunk = [str(x) if isinstance(x, Path) else x for x in images[i : i + 128]]
+        pixels = torch.stack(processor.preprocess_images(chunk))
         feats.append(model.encode_images(pixels).flatten(0, 1))
     feats = torch.cat(feats)
 
