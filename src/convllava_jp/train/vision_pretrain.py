@@ -126,12 +126,13 @@ def pretrain_vision_on_world(
         [image for image, _ in draw_scenes(stream_seed, 0, min(512, max(eval_images, 64)), world.image_size)],
     )
     save_model_dir(model, processor, model_dir)
-    log.info(
-        "vision pretraining: %d steps, held-out cell colour accuracy %s, shape accuracy %s",
-        steps,
-        acc.get("heldout_colour"),
-        acc.get("heldout_shape"),
-    )
+    if acc:
+        log.info(
+            "vision pretraining: %d steps, held-out cell colour accuracy %.3f, shape accuracy %.3f",
+            steps,
+            acc["heldout_colour"],
+            acc["heldout_shape"],
+        )
     return {"steps": steps, "batch_size": batch_size, "final_loss": float(loss.item()), **acc, **stats}
 
 
