@@ -235,8 +235,9 @@ def test_images_show_exactly_the_scene(world):
     assert len(sizes) == 4
 
 
-def test_captions_name_every_shape_in_grid_order(world):
+def test_captions_name_every_shape_in_an_order_apart_from_the_grid(world):
     variants = Counter()
+    first_cells = Counter()
     for r in read_json(world.stage1):
         human, gpt = r["conversations"]
         assert human == {"from": "human", "value": "<image>\n画像を説明してください。"}
@@ -248,11 +249,16 @@ def test_captions_name_every_shape_in_grid_order(world):
             assert triples == [(None, c, s) for _, c, s in by_colour]
             variants["by colour"] += 1
         else:
-            assert triples == expected
+            assert sorted(triples) == sorted(expected) and len(triples) == len(expected)
+            if len(triples) > 1:
+                first_cells[triples[0][0]] += 1
         assert count in (None, len(expected))
         assert len({c for _, c, _ in expected}) == len(expected)  # colours distinct within an image
         variants[gpt["value"][:2]] += 1
     assert len(variants) >= 4 and variants["by colour"]  # the phrasing varies
+    # the first shape named can be in any cell, not always the first filled one in grid order
+    assert len(first_cells) == len(POSITIONS), first_cells
+    assert max(first_cells.values()) < 0.7 * sum(first_cells.values()), first_cells
 
 
 def test_stage3_answers_match_the_scene(world):
@@ -279,7 +285,7 @@ def test_stage3_answers_match_the_scene(world):
                 if described[0][0] is None:
                     assert sorted(described) == sorted((None, c, s) for _, c, s in triples)
                 else:
-                    assert described == triples
+                    assert sorted(described) == sorted(triples)
             else:
                 assert answer == expected, (r["id"], question)
             if m := re.match(_ADJ, question):

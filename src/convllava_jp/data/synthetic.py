@@ -30,6 +30,7 @@ import math
 import re
 import shutil
 import time
+import zlib
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -77,7 +78,7 @@ class Colour:
     rgb: tuple[int, int, int]
 
 
-POSITIONS = ("左上", "右上", "左下", "右下")  # grid order: row-major, also the order captions use
+POSITIONS = ("左上", "右上", "左下", "右下")  # grid order: row-major
 COLOURS = (
     Colour("赤", "赤い", "赤色", (215, 35, 35)),
     Colour("青", "青い", "青色", (35, 80, 225)),
@@ -271,12 +272,18 @@ CAPTION_VARIANTS = 5
 def caption(scene: _Scene | dict, variant: int = 0) -> str:
     """A scene (a record's "scene" dict) in one Japanese sentence.
 
-    `variant` picks the phrasing. 0-3 name the shapes by position, in grid order: 0
+    `variant` picks the phrasing. 0-3 name the shapes by position: 0
     '左上に赤い円、右下に青い四角があります。', 1 '左上に赤い円があり、右下に…', 2 '画像には左上に…',
     3 '図形は2つで、左上に…'. 4 names them by colour, in the colours' fixed order, without
     positions: '赤い円と青い四角があります。'. In 0-3 a colour follows its position word, which
-    teaches the LLM which image token a position names; in 4 a shape follows its colour word in
-    an order that says nothing about the grid, which teaches it to find the token of a colour.
+    teaches the LLM which image token a position names; in 4 a shape follows its colour word,
+    which teaches it to find the token of a colour.
+
+    Neither order follows the grid: 0-3 list the shapes in an order fixed by their colours and
+    shapes (a hash, so the same scene always reads the same). In grid order, "the n-th shape
+    named is the n-th filled cell" answered captions as well as reading the cells, and one demo
+    run learned that shortcut: colour_at_position 57%, naming the first-listed shape's colour.
+    With this order the same seed scored 100%.
     """
     if variant not in range(CAPTION_VARIANTS):
         raise ConfigError(f"caption variant must be one of 0-{CAPTION_VARIANTS - 1}, got {variant!r}")
@@ -287,7 +294,8 @@ def caption(scene: _Scene | dict, variant: int = 0) -> str:
             "と".join(f"{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in by_colour)
             + "があります。"
         )
-    parts = [f"{s['position']}に{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in shapes]
+    listed = sorted(shapes, key=lambda s: zlib.crc32(f"{variant}{s['colour']}{s['shape']}".encode()))
+    parts = [f"{s['position']}に{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in listed]
     if variant == 1:
         return "があり、".join(parts) + "があります。"
     body = "、".join(parts) + "があります。"
