@@ -74,17 +74,16 @@ __all__ = [
 class Colour:
     name: str  # 赤
     adjective: str  # 赤い (before a noun: 赤い円)
-    noun: str  # 赤色
     rgb: tuple[int, int, int]
 
 
 POSITIONS = ("左上", "右上", "左下", "右下")  # grid order: row-major
 COLOURS = (
-    Colour("赤", "赤い", "赤色", (215, 35, 35)),
-    Colour("青", "青い", "青色", (35, 80, 225)),
-    Colour("緑", "緑の", "緑色", (30, 150, 50)),
-    Colour("黄", "黄色い", "黄色", (235, 190, 10)),
-    Colour("紫", "紫の", "紫色", (135, 50, 175)),
+    Colour("赤", "赤い", (215, 35, 35)),
+    Colour("青", "青い", (35, 80, 225)),
+    Colour("緑", "緑の", (30, 150, 50)),
+    Colour("黄", "黄色い", (235, 190, 10)),
+    Colour("紫", "紫の", (135, 50, 175)),
 )
 SHAPES = ("円", "四角", "三角", "星")
 SIZES = ("large", "small")
@@ -222,7 +221,7 @@ def draw_scenes(seed: int, start: int, n: int, image_size: int = 128) -> list[tu
     training or test image; the same (seed, index) always gives the same scene. The demo's
     vision pretraining reads from it: with a fresh batch every step the tower cannot memorise
     its images (1000 steps on the 8000 stored ones: 65% held-out cell shape accuracy; 3000
-    steps on fresh scenes: 98.5-99.4%).
+    steps on fresh scenes: 97-100%).
     """
     if not isinstance(n, int) or n < 0 or not isinstance(start, int) or start < 0:
         raise ConfigError(f"start and n must be integers >= 0, got start={start!r}, n={n!r}")
@@ -324,7 +323,7 @@ def yes_no_answer(scene: _Scene | dict, colour: str, yes: bool) -> str:
     the very next token (が / しか), where the shape just read can be compared with the asked
     one. A verdict up front ('はい、あります。') needs the reading and the comparison in one
     token: the demo's 2-layer LLM stayed at chance on it (46-54% over three runs). Named first,
-    the shape is read right (yes and colour-absent answers 88-100%), but the comparison itself is
+    the shape is read right (yes and colour-absent answers 94-100%), but the comparison itself is
     not learned in the demo's budget: where the colour has another shape the model still says
     'があります' (measured over several answer forms and recipes: docs/training.md).
     """

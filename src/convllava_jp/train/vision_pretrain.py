@@ -10,8 +10,8 @@ colour and shape in its cell (or "none") and which cell it is, through linear he
 The scenes are drawn fresh every step (`data.synthetic.draw_scenes`), as a web-scale corpus
 would never repeat: on the world's 8000 stored training images the tower memorised them (1000
 steps: 65% held-out cell shape accuracy, worst on small shapes in padded non-square images),
-on fresh scenes 3000 steps of 16 reach 98.5-99.4% in ~110 s on 2 CPU cores. Held-out
-shape_of_colour followed: 32-75% -> 92-99%.
+on fresh scenes 3000 steps of 16 reach 97-100% in ~110 s on 2 CPU cores. Held-out
+shape_of_colour followed: 32-75% -> 92-100%.
 
 What the LLM can learn in the demo's budget depends on how clean its image tokens are
 (measured on captions, the LLM trained alone): with exact one-hot colour/shape features it
