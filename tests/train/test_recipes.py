@@ -108,6 +108,23 @@ def test_vars_point_the_recipe_at_local_data():
     assert recipe.stages["3"].lora.r == 64 and recipe.stages["3"].lora.bits is None
 
 
+def test_numbers_in_exponent_notation_and_bad_numbers():
+    # PyYAML reads `2e-3` (no dot) as text; the recipe must still take it as a number.
+    recipe = load_recipe("tiny-synthetic", ["stages.3.lr=2e-3", "stages.1.lr_multipliers.vision=1e-1"])
+    assert recipe.stages["3"].lr == pytest.approx(0.002)
+    assert recipe.stages["1"].lr_multipliers["vision"] == pytest.approx(0.1)
+    assert load_recipe("tiny-synthetic", ["stages.3.max_steps='12'"]).stages["3"].max_steps == 12
+    for override, message in [
+        ("stages.3.lr=fast", "lr must be a number, got 'fast'"),
+        ("stages.3.lr=true", "lr must be a number"),
+        ("stages.3.max_steps=1.5", "max_steps must be a whole number"),
+        ("stages.3.lr_multipliers.llm=x", "lr_multipliers.llm must be a number"),
+        ("stages.3.lr_multipliers.llm=-1", "lr_multipliers.llm must be a number >= 0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_recipe("tiny-synthetic", [override])
+
+
 def test_batch_plan_keeps_the_global_batch_or_says_what_to_do():
     stage = StageConfig(name="1", data=[{"path": "x.json"}], global_batch=32, per_device_batch=8)
     assert stage.batch_plan(1) == (8, 4)

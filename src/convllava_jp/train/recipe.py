@@ -104,6 +104,7 @@ class StageConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        self._coerce_numbers()
         self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
         if not self.data:
             raise ConfigError(f"stage {self.name}: `data` lists no dataset")
@@ -125,7 +126,7 @@ class StageConfig:
                 raise ConfigError(
                     f"stage {self.name}: lr_multipliers: unknown part {part!r}; choose from {', '.join(LR_PARTS)}"
                 )
-            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0:
+            if mult < 0:
                 raise ConfigError(
                     f"stage {self.name}: lr_multipliers.{part} must be a number >= 0, got {mult!r}"
                 )
@@ -148,6 +149,23 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name}: template must be plain or llm-jp-v1, got {self.template!r}"
             )
+
+    def _coerce_numbers(self) -> None:
+        """Numbers given as text become numbers; anything else that is not a number is refused.
+
+        YAML 1.1 (PyYAML) reads `2e-3` without a dot as a string, so `--set lr=2e-3` would
+        otherwise fail deep inside the optimizer.
+        """
+        for f in dataclasses.fields(self):
+            kind = {"float": float, "int": int, "int | None": int, "float | None": float}.get(str(f.type))
+            value = getattr(self, f.name)
+            if kind is None or (value is None and "None" in str(f.type)):
+                continue
+            setattr(self, f.name, _number(value, kind, f"stage {self.name}: {f.name}"))
+        self.lr_multipliers = {
+            part: _number(mult, float, f"stage {self.name}: lr_multipliers.{part}")
+            for part, mult in (self.lr_multipliers or {}).items()
+        }
 
     def batch_plan(self, world_size: int) -> tuple[int, int]:
         """(per-device batch, accumulation steps) giving `global_batch` samples a step on `world_size` devices.
@@ -220,6 +238,22 @@ class Recipe:
         if not chosen:
             raise ConfigError(f"no stage selected by {which!r}; stages: {', '.join(names)}")
         return chosen
+
+
+def _number(value: Any, kind: type, what: str) -> int | float:
+    """`value` as an int or float (`kind`): numbers and numeric text pass, bools and the rest fail."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise ConfigError(f"{what} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{what} must be a number, got {value!r}")
+    if kind is int:
+        if value != int(value):
+            raise ConfigError(f"{what} must be a whole number, got {value!r}")
+        return int(value)
+    return float(value)
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
