@@ -5,7 +5,7 @@ of a 2x2 grid (左上/右上/左下/右下), and writes everything the three tra
 evaluation need::
 
     images/train_000000.png ...  images/test_000000.png ...
-    stage1.json          LLaVA captions: "<image>\\n画像を説明してください。" -> "左上に赤い円、右下に青い四角があります。"
+    stage1.json          LLaVA captions: "<image>\\n画像を説明してください。" -> "画像には左上に赤い円、右下に青い四角があります。"
     stage3.json          LLaVA instructions, 1-3 turns per image (count / shape_of_colour /
                          colour_at_position / yes_no, and some describe turns answered by the caption)
     test.json            held-out images, one question each, with "qtype", "answer" and "chance"
@@ -117,7 +117,7 @@ _RADIUS = MappingProxyType(
 _EXTENT = 1.21  # a shape's farthest point from its centre, in radii (a square's corners)
 _DESCRIBE_RATE = 0.25  # share of stage-3 conversations that end with a describe turn
 _NOISE = 4  # +- grey levels of pixel noise
-_VERSION = 3
+_VERSION = 4
 _MAX_TOKEN_CHARS = 3  # longest learned token; uncapped BPE turns answers into single tokens
 
 # Independent random streams: each image / record draws from default_rng([seed, stream, index]).
@@ -272,11 +272,17 @@ def caption(scene: _Scene | dict, variant: int = 0) -> str:
     """A scene (a record's "scene" dict) in one Japanese sentence.
 
     `variant` picks the phrasing. 0-3 name the shapes by position: 0
-    '左上に赤い円、右下に青い四角があります。', 1 '左上に赤い円があり、右下に…', 2 '画像には左上に…',
-    3 '図形は2つで、左上に…'. 4 names them by colour, in the colours' fixed order, without
-    positions: '赤い円と青い四角があります。'. In 0-3 a colour follows its position word, which
-    teaches the LLM which image token a position names; in 4 a shape follows its colour word,
-    which teaches it to find the token of a colour.
+    '画像には左上に赤い円、右下に青い四角があります。', 1 '画像には左上に赤い円があり、右下に…',
+    2 '図形は2つで、左上に赤い円、右下に…', 3 '図形は2つで、左上に赤い円があり、右下に…'. 4 names them
+    by colour, in the colours' fixed order, without positions: '画像には赤い円と青い四角があります。'.
+    In 0-3 a colour follows its position word, which teaches the LLM which image token a position
+    names; in 4 a shape follows its colour word, which teaches it to find the token of a colour.
+
+    Every caption opens with a fixed phrase, never with a word read off the image, so the only
+    answers that open with a position or a colour word are the ones that restate it from the
+    question. (Some runs answered '右下にある図形は何色ですか？' by naming another shape's position,
+    as a caption opening would; this opening alone did not stop that - the LLM's init scale did,
+    `model.presets` tiny - but it leaves each answer's first word one source.)
 
     Neither order follows the grid: 0-3 list the shapes in an order fixed by their colours and
     shapes (a hash, so the same scene always reads the same). In grid order, "the n-th shape
@@ -290,19 +296,15 @@ def caption(scene: _Scene | dict, variant: int = 0) -> str:
     if variant == 4:
         by_colour = sorted(shapes, key=lambda s: list(_COLOUR_BY_NAME).index(s["colour"]))
         return (
-            "と".join(f"{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in by_colour)
+            "画像には"
+            + "と".join(f"{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in by_colour)
             + "があります。"
         )
     listed = sorted(shapes, key=lambda s: zlib.crc32(f"{variant}{s['colour']}{s['shape']}".encode()))
     parts = [f"{s['position']}に{_COLOUR_BY_NAME[s['colour']].adjective}{s['shape']}" for s in listed]
-    if variant == 1:
-        return "があり、".join(parts) + "があります。"
-    body = "、".join(parts) + "があります。"
-    if variant == 2:
-        return "画像には" + body
-    if variant == 3:
-        return f"図形は{len(parts)}つで、" + body
-    return body
+    opening = "画像には" if variant < 2 else f"図形は{len(parts)}つで、"
+    joiner = "、" if variant % 2 == 0 else "があり、"
+    return opening + joiner.join(parts) + "があります。"
 
 
 @dataclass(frozen=True)
