@@ -325,9 +325,9 @@ def yes_no_answer(scene: _Scene | dict, colour: str, yes: bool) -> str:
     the very next token (が / しか), where the shape just read can be compared with the asked
     one. A verdict up front ('はい、あります。') needs the reading and the comparison in one
     token: the demo's 2-layer LLM stayed at chance on it (46-54% over three runs). Named first,
-    the shape is read right (yes and colour-absent answers 94-100%), but the comparison itself is
-    not learned in the demo's budget: where the colour has another shape the model still says
-    'があります' (measured over several answer forms and recipes: docs/training.md).
+    the shape is read right (yes and colour-absent answers 94-100%); the comparison is learned
+    late in stage 3 (in four of five demo runs: docs/training.md), and only when the LLM's text
+    warm-up ran at a low learning rate.
     """
     shapes = scene["shapes"] if isinstance(scene, dict) else [s.to_dict() for s in scene.shapes]
     adjective = _COLOUR_BY_NAME[colour].adjective
