@@ -474,6 +474,10 @@ def test_init_model_of_a_preset_without_llm_or_trunk(tmp_path):
     reloaded, processor = W.load_model_dir(tmp_path / "out")
     assert processor.image_processor.image_size == 128 and len(processor.tokenizer) == 53
     assert torch.equal(reloaded.projector[0].weight, model.projector[0].weight)
+    # the tiny LLM is drawn at its preset's scale (0.08 at width 128), not GPT-2's 0.02
+    llm = model.language_model
+    for weight in (llm.get_input_embeddings().weight, llm.transformer.h[0].attn.c_attn.weight):
+        assert abs(weight.detach().std().item() - 0.08) < 0.01
 
 
 def test_save_model_dir_refuses_to_replace_a_foreign_directory(tmp_path):
