@@ -118,6 +118,8 @@ def test_numbers_in_exponent_notation_and_bad_numbers():
         ("stages.3.lr=fast", "lr must be a number, got 'fast'"),
         ("stages.3.lr=true", "lr must be a number"),
         ("stages.3.max_steps=1.5", "max_steps must be a whole number"),
+        ("stages.3.max_steps=.inf", "max_steps must be a number"),
+        ("stages.3.lr=nan", "lr must be a number"),
         ("stages.3.lr_multipliers.llm=x", "lr_multipliers.llm must be a number"),
         ("stages.3.lr_multipliers.llm=-1", "lr_multipliers.llm must be a number >= 0"),
     ]:
