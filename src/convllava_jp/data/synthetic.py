@@ -268,6 +268,11 @@ def _render(scene: _Scene, rng: np.random.Generator) -> Image.Image:
 CAPTION_VARIANTS = 5
 
 
+def _shape_dicts(scene: _Scene | dict) -> list[dict]:
+    """The shapes of a scene, or of a record's "scene" dict, as dicts."""
+    return scene["shapes"] if isinstance(scene, dict) else [s.to_dict() for s in scene.shapes]
+
+
 def caption(scene: _Scene | dict, variant: int = 0) -> str:
     """A scene (a record's "scene" dict) in one Japanese sentence.
 
@@ -292,7 +297,7 @@ def caption(scene: _Scene | dict, variant: int = 0) -> str:
     """
     if variant not in range(CAPTION_VARIANTS):
         raise ConfigError(f"caption variant must be one of 0-{CAPTION_VARIANTS - 1}, got {variant!r}")
-    shapes = scene["shapes"] if isinstance(scene, dict) else [s.to_dict() for s in scene.shapes]
+    shapes = _shape_dicts(scene)
     if variant == 4:
         by_colour = sorted(shapes, key=lambda s: list(_COLOUR_BY_NAME).index(s["colour"]))
         return (
@@ -329,7 +334,7 @@ def yes_no_answer(scene: _Scene | dict, colour: str, yes: bool) -> str:
     late in stage 3 (in four of five demo runs: docs/training.md), and only when the LLM's text
     warm-up ran at a low learning rate.
     """
-    shapes = scene["shapes"] if isinstance(scene, dict) else [s.to_dict() for s in scene.shapes]
+    shapes = _shape_dicts(scene)
     adjective = _COLOUR_BY_NAME[colour].adjective
     found = [s["shape"] for s in shapes if s["colour"] == colour]
     if yes:

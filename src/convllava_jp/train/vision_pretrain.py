@@ -92,8 +92,7 @@ def pretrain_vision_on_world(
     # Scene indices: [0, eval_images) are held out for the accuracy, training draws after them.
     stream_seed = world.seed * 1000 + seed
 
-    def batch(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        drawn = draw_scenes(stream_seed, start, n, world.image_size)
+    def tensors(drawn: list) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pixels = torch.stack(processor.preprocess_images([image for image, _ in drawn]))
         labels = [_cell_labels(scene) for _, scene in drawn]
         return pixels, torch.tensor([c for c, _ in labels]), torch.tensor([s for _, s in labels])
@@ -102,7 +101,8 @@ def pretrain_vision_on_world(
     loss_fn = nn.CrossEntropyLoss()
     bar = tqdm(range(steps), desc="vision pretraining (CLIP stand-in)", unit="step")
     for step in bar:
-        pixels, colour_y, shape_y = batch(eval_images + step * batch_size, batch_size)
+        drawn = draw_scenes(stream_seed, eval_images + step * batch_size, batch_size, world.image_size)
+        pixels, colour_y, shape_y = tensors(drawn)
         tokens = model.encode_images(pixels).flatten(0, 1)  # (B*4, C), cells row-major
         cell_y = torch.arange(len(POSITIONS)).repeat(len(pixels))
         loss = (
@@ -118,12 +118,13 @@ def pretrain_vision_on_world(
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    acc = _heldout_accuracy(model, heads, batch, eval_images) if eval_images else {}
+    # The held-out scenes (with fewer than 64 of them, also the first training ones) set the
+    # projector's start too: drawn once for both.
+    n_projector = min(512, max(eval_images, 64))
+    reference = draw_scenes(stream_seed, 0, max(eval_images, n_projector), world.image_size)
+    acc = _heldout_accuracy(model, heads, tensors, reference[:eval_images]) if eval_images else {}
     stats = init_projector_from_heads(
-        model,
-        processor,
-        heads,
-        [image for image, _ in draw_scenes(stream_seed, 0, min(512, max(eval_images, 64)), world.image_size)],
+        model, processor, heads, [image for image, _ in reference[:n_projector]]
     )
     save_model_dir(model, processor, model_dir)
     if acc:
@@ -137,13 +138,13 @@ def pretrain_vision_on_world(
 
 
 @torch.no_grad()
-def _heldout_accuracy(model, heads, batch, n: int) -> dict:
-    """Colour and shape accuracy of the heads on scenes 0..n-1, over cells that hold a shape."""
+def _heldout_accuracy(model, heads, tensors, drawn: list) -> dict:
+    """Colour and shape accuracy of the heads on the `drawn` scenes, over cells that hold a shape."""
     colour_head, shape_head, _ = heads
     right = {"colour": 0, "shape": 0}
     total = 0
-    for start in range(0, n, 64):
-        pixels, colour_y, shape_y = batch(start, min(64, n - start))
+    for start in range(0, len(drawn), 64):
+        pixels, colour_y, shape_y = tensors(drawn[start : start + 64])
         tokens = model.encode_images(pixels)
         filled = shape_y > 0
         right["colour"] += int((colour_head(tokens).argmax(-1) == colour_y)[filled].sum())
