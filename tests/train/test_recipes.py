@@ -114,6 +114,8 @@ def test_numbers_in_exponent_notation_and_bad_numbers():
     assert recipe.stages["3"].lr == pytest.approx(0.002)
     assert recipe.stages["1"].lr_multipliers["vision"] == pytest.approx(0.1)
     assert load_recipe("tiny-synthetic", ["stages.3.max_steps='12'"]).stages["3"].max_steps == 12
+    lora = load_recipe("convllava-jp-1.3b-768", ["stages.3.lora.dropout=5e-2"]).stages["3"].lora
+    assert lora.dropout == pytest.approx(0.05)
     for override, message in [
         ("stages.3.lr=fast", "lr must be a number, got 'fast'"),
         ("stages.3.lr=true", "lr must be a number"),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,11 +153,8 @@ class StageConfig:
             )
 
     def _coerce_numbers(self) -> None:
-        """Numbers given as text become numbers; anything else that is not a number is refused.
-
-        YAML 1.1 (PyYAML) reads `2e-3` without a dot as a string, so `--set lr=2e-3` would
-        otherwise fail deep inside the optimizer.
-        """
+        """Numbers given as text (`max_steps: "12"`) become numbers; anything else is refused here,
+        with the key's name, rather than deep inside the optimizer."""
         for f in dataclasses.fields(self):
             kind = {"float": float, "int": int, "int | None": int, "float | None": float}.get(str(f.type))
             value = getattr(self, f.name)
@@ -241,6 +239,21 @@ class Recipe:
         return chosen
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, also reading `2e-3` (no dot) as a float, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where that is a string: `lr: 2e-3` in a recipe, or
+    `--set stages.3.lora.dropout=5e-2`, would reach the code as text.
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def _number(value: Any, kind: type, what: str) -> int | float:
     """`value` as an int or float (`kind`): numbers and numeric text pass, bools and the rest fail."""
     if isinstance(value, str):
@@ -287,7 +300,7 @@ def parse_overrides(pairs: list[str] | None) -> list[tuple[str, Any]]:
         if "=" not in pair:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         key, raw = pair.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(raw)))
+        out.append((key.strip(), yaml.load(raw, Loader=_RecipeLoader)))
     return out
 
 
@@ -304,7 +317,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         else:
             raise ConfigError(f"recipe {str(path)!r} not found (and no built-in recipe of that name)")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_RecipeLoader) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
     stage_fields = {f.name for f in dataclasses.fields(StageConfig)}
