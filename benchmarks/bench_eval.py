@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from convllava_jp.eval.runner import EvalSettings, ModelSpec, run_task  # noqa: E402
+from convllava_jp.eval.runner import EvalModel, EvalSettings, run_task  # noqa: E402
 from convllava_jp.eval.tasks import get_task  # noqa: E402
 from convllava_jp.infer.generation import VLMPipeline  # noqa: E402
 
@@ -39,12 +39,12 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[Path, Path, bool]:
     """(world dir, model dir, random?) — generated in `work` unless given."""
     world = Path(args.world) if args.world else work / "world"
     if not args.world:
-        from convllava_jp.data.synthetic import generate_world
+        from convllava_jp.demo.world import generate_world
 
         generate_world(world, 8, args.samples, seed=0, progress=False, n_pretrain_text=200)
     if args.model:
         return world, Path(args.model), False
-    from convllava_jp.model.weights import init_model
+    from convllava_jp.convert.init import init_model
 
     torch.manual_seed(0)
     model_dir = work / f"{args.preset}-random"
@@ -60,7 +60,7 @@ def measure(pipeline: VLMPipeline, model_dir: Path, world: Path, batch_size: int
     )
     start = time.perf_counter()
     summary = run_task(
-        task, samples, ModelSpec("bench", model_dir), out, settings, get_pipeline=lambda: pipeline
+        task, samples, EvalModel("bench", model_dir), out, settings, get_pipeline=lambda: pipeline
     )
     seconds = time.perf_counter() - start
     preds = (out / "synthetic" / "bench" / "prediction.jsonl").read_text(encoding="utf-8").splitlines()

@@ -52,12 +52,12 @@ QUESTION = "画像を説明してください。"
 # --- model ----------------------------------------------------------------------------------
 def build_random_model(preset: str, out_dir: Path) -> Path:
     """A model directory of `preset` with random weights and the synthetic world's tokenizer."""
-    from convllava_jp.data.images import ConvLlavaImageProcessor
-    from convllava_jp.data.processor import ConvLlavaProcessor, add_image_token
-    from convllava_jp.data.synthetic import train_tokenizer
-    from convllava_jp.data.templates import LLM_JP_SYSTEM_PROMPT
+    from convllava_jp.demo.tokenizer import train_tokenizer
     from convllava_jp.model import ConvLlavaForConditionalGeneration, build_config, get_preset
-    from convllava_jp.model.weights import save_model_dir
+    from convllava_jp.model.image_processing import ConvLlavaImageProcessor
+    from convllava_jp.model.model_dir import save_model_dir
+    from convllava_jp.model.processing import ConvLlavaProcessor, add_image_token
+    from convllava_jp.model.templates import LLM_JP_SYSTEM_PROMPT
 
     texts = [
         LLM_JP_SYSTEM_PROMPT,
@@ -285,7 +285,7 @@ def bench_server(
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    args = [sys.executable, "-m", "convllava_jp.infer.commands", "serve", "--model", str(model_dir)]
+    args = [sys.executable, "-m", "convllava_jp.cli", "serve", "--model", str(model_dir)]
     args += [
         "--port",
         str(port),

@@ -54,8 +54,8 @@ PRESET_IMAGE_SIZE = {"tiny": 128, "small": 384}
 # --- set-up ------------------------------------------------------------------------------------
 def prepare(work: Path, preset: str, n_images: int) -> tuple[Path, Path]:
     """A synthetic world at the preset's image size and a random-init model dir of the preset."""
-    from convllava_jp.data.synthetic import generate_world
-    from convllava_jp.model.weights import init_model
+    from convllava_jp.convert.init import init_model
+    from convllava_jp.demo.world import generate_world
 
     world = work / f"world-{PRESET_IMAGE_SIZE[preset]}"
     if not (world / "world.json").exists():
@@ -94,9 +94,11 @@ def _current_rss_mb() -> float:
 # --- one trainer configuration (runs in a child process) ---------------------------------------
 def run_trainer_config(cfg: dict) -> dict:
     """Train `cfg["steps"]` steps of one stage config; returns throughput, data wait and memory."""
-    from convllava_jp.model.weights import load_model_dir
+    from convllava_jp.model.model_dir import load_model_dir
+    from convllava_jp.train.freezing import apply_trainable
     from convllava_jp.train.recipe import StageConfig
-    from convllava_jp.train.trainer import ConvLlavaTrainer, apply_trainable, build_trainer
+    from convllava_jp.train.stages import build_trainer
+    from convllava_jp.train.trainer import ConvLlavaTrainer
 
     torch.set_num_threads(cfg["threads"])
     rss_start = _current_rss_mb()  # the runtime: Python, torch, transformers imported
@@ -181,8 +183,10 @@ def run_trainer_config(cfg: dict) -> dict:
 # --- step overhead (in-process, interleaved) ----------------------------------------------------
 def step_overhead(model_dir: Path, world: Path, batch: int, repeats: int, threads: int) -> dict:
     """Full model fwd+bwd vs its parts run alone on the same inputs (all modules trainable)."""
-    from convllava_jp.data.dataset import ConversationDataset, DataCollator, DataSource
-    from convllava_jp.model.weights import load_model_dir
+    from convllava_jp.data.collate import DataCollator
+    from convllava_jp.data.dataset import ConversationDataset
+    from convllava_jp.data.records import DataSource
+    from convllava_jp.model.model_dir import load_model_dir
 
     torch.set_num_threads(threads)
     model, processor = load_model_dir(model_dir, dtype=torch.float32)
@@ -238,9 +242,11 @@ def step_overhead(model_dir: Path, world: Path, batch: int, repeats: int, thread
 
 def checkpointing_cost(model_dir: Path, world: Path, batch: int, repeats: int, threads: int) -> dict:
     """Stage-3 fwd+bwd (projector + LLM trainable) with and without gradient checkpointing, interleaved."""
-    from convllava_jp.data.dataset import ConversationDataset, DataCollator, DataSource
-    from convllava_jp.model.weights import load_model_dir
-    from convllava_jp.train.trainer import apply_trainable
+    from convllava_jp.data.collate import DataCollator
+    from convllava_jp.data.dataset import ConversationDataset
+    from convllava_jp.data.records import DataSource
+    from convllava_jp.model.model_dir import load_model_dir
+    from convllava_jp.train.freezing import apply_trainable
 
     torch.set_num_threads(threads)
     model, processor = load_model_dir(model_dir, dtype=torch.float32)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
 import io
 import json
 import logging
@@ -19,23 +21,19 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerFast
 
 from convllava_jp.data import dataset as ds_mod
-from convllava_jp.data.dataset import (
-    ConversationDataset,
-    DataCollator,
-    DataSource,
-    ModalityLengthGroupedSampler,
-    SkippedRecord,
-    SkipTracker,
-    japanese_fraction,
-    modality_length_grouped_indices,
-)
-from convllava_jp.data.images import ConvLlavaImageProcessor
-from convllava_jp.data.processor import IGNORE_INDEX, ConvLlavaProcessor, add_image_token
-from convllava_jp.data.templates import ASSISTANT_ROLE_JA, LLM_JP_SYSTEM_PROMPT, USER_ROLE_JA
+from convllava_jp.data.collate import DataCollator
+from convllava_jp.data.constants import IGNORE_INDEX
+from convllava_jp.data.dataset import ConversationDataset, japanese_fraction
+from convllava_jp.data.records import DataSource
+from convllava_jp.data.sampler import ModalityLengthGroupedSampler
+from convllava_jp.data.skips import SkippedRecord, SkipTracker
 from convllava_jp.errors import DataError
+from convllava_jp.model.image_processing import ConvLlavaImageProcessor
+from convllava_jp.model.processing import ConvLlavaProcessor, add_image_token
+from convllava_jp.model.templates import ASSISTANT_ROLE_JA, LLM_JP_SYSTEM_PROMPT, USER_ROLE_JA
 
 EOS = "<EOD|LLM-jp>"
-LOGGER = "convllava_jp.data.dataset"
+LOGGER = "convllava_jp.data"  # the dataset and the skip tracker log under it
 TOKENS_PER_IMAGE = 4  # 128 px, stride 64 -> 2 x 2
 
 # --- a tiny character-level tokenizer and processor ------------------------------------------------
@@ -286,39 +284,6 @@ def test_every_bad_record_kind_is_skipped_and_logged_with_file_and_line(tmp_path
         "no supervised tokens": 1,
     }
     assert sum("line 7" in r.getMessage() and "wrong role" in r.getMessage() for r in caplog.records) == 1
-
-
-def test_skip_tracker_stops_above_max_bad_fraction(tmp_path):
-    def skip(n: int) -> SkippedRecord:
-        return SkippedRecord("f.jsonl", n, str(n), "missing image", "x.png")
-
-    tracker = SkipTracker(tmp_path, total_records=100, max_bad_fraction=0.02)
-    tracker.update([skip(1), skip(2)])
-    with pytest.raises(
-        DataError, match=r"3 of 100 records skipped \(3\.00%\).*max-bad-fraction.*skipped\.jsonl"
-    ):
-        tracker.update([skip(3)])
-    assert len((tmp_path / "skipped.jsonl").read_text().splitlines()) == 3  # written before raising
-
-    # at least one record is always allowed, even when the fraction rounds to zero
-    small = SkipTracker(tmp_path / "small", total_records=10, max_bad_fraction=0.01)
-    small.update([skip(1)])
-    with pytest.raises(DataError):
-        small.update([skip(2)])
-
-
-def test_skip_tracker_rate_limits_warnings_and_resumes(tmp_path, caplog):
-    tracker = SkipTracker(tmp_path, total_records=1000, max_bad_fraction=1.0)
-    items = [SkippedRecord("f.jsonl", n, None, "bad image" if n % 2 else "wrong role") for n in range(250)]
-    with caplog.at_level(logging.WARNING, logger=LOGGER):
-        tracker.update(items)
-    per_record = [r for r in caplog.records if r.getMessage().startswith("skipped f.jsonl")]
-    assert len(per_record) == 20
-    assert sum("records skipped so far" in r.getMessage() for r in caplog.records) == 2  # at 100, 200
-    assert tracker.summary() == {"wrong role": 125, "bad image": 125}
-    resumed = SkipTracker(tmp_path, total_records=1000)
-    resumed.load_state_dict(tracker.state_dict())
-    assert resumed.count == 250
 
 
 # --- fail fast on the wrong format ---------------------------------------------------------------
@@ -595,56 +560,6 @@ def test_collator_mixed_batch_shapes(tmp_path, aspect_processor):
 # --- sampler -------------------------------------------------------------------------------------
 
 
-def _random_lengths(seed: int = 0) -> list[int]:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(5, 500, 103).tolist()
-    texts = (-rng.integers(1, 500, 57)).tolist()
-    lengths = images + texts
-    random.Random(seed).shuffle(lengths)
-    return lengths
-
-
-def test_sampler_never_mixes_modalities_and_is_deterministic():
-    lengths = _random_lengths()
-    batch_size = 8
-    order = modality_length_grouped_indices(lengths, batch_size, seed=3, megabatch_mult=4)
-    assert len(order) == 13 * 8 + 8 * 8  # each modality filled up to whole batches
-    assert set(order) == set(range(len(lengths)))
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in batches:
-        assert len({lengths[i] > 0 for i in batch}) == 1
-    kinds = [lengths[b[0]] > 0 for b in batches]
-    assert kinds != sorted(kinds) and kinds != sorted(kinds, reverse=True)  # batch order is shuffled
-
-    # length grouping: batches are much tighter than random batches of the same modality
-    def spread(bs):
-        return sum(max(abs(lengths[i]) for i in b) - min(abs(lengths[i]) for i in b) for b in bs)
-
-    rng = np.random.default_rng(0)
-    random_batches = []
-    for sign in (1, -1):
-        members = rng.permutation([i for i, v in enumerate(lengths) if v * sign > 0]).tolist()
-        random_batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
-    assert spread(batches) < 0.5 * spread(random_batches)
-
-    assert modality_length_grouped_indices(lengths, batch_size, seed=3, megabatch_mult=4) == order
-    assert modality_length_grouped_indices(lengths, batch_size, seed=4, megabatch_mult=4) != order
-
-    sampler = ModalityLengthGroupedSampler(lengths, batch_size, seed=3)
-    epoch0 = list(sampler)
-    assert len(epoch0) == len(sampler) and list(sampler) == epoch0
-    sampler.set_epoch(1)
-    assert list(sampler) != epoch0
-    assert list(ModalityLengthGroupedSampler(lengths, batch_size, seed=3)) == epoch0
-
-
-def test_sampler_with_one_modality_and_zero_length():
-    order = modality_length_grouped_indices([-3, -5, -1, -2, -7], 2, seed=0)
-    assert sorted(set(order)) == [0, 1, 2, 3, 4] and len(order) == 6
-    with pytest.raises(ValueError, match="non-zero"):
-        modality_length_grouped_indices([3, 0, -1], 2)
-
-
 def test_sampler_groups_a_real_dataset(tmp_path, processor):
     records = _format_records(tmp_path)
     dataset = _dataset(_write_jsonl(tmp_path / "d.jsonl", records * 5), processor)
@@ -654,5 +569,34 @@ def test_sampler_groups_a_real_dataset(tmp_path, processor):
         assert len(kinds) == 1
 
 
-def test_module_exports():
-    assert set(ds_mod.__all__) >= {"ConversationDataset", "DataCollator", "SkipTracker", "DataSource"}
+def test_each_piece_has_one_home_and_data_never_imports_model():
+    homes = {
+        "ConversationDataset": "dataset",
+        "DataCollator": "collate",
+        "pad_sequences": "collate",
+        "stack_images": "collate",
+        "SkipTracker": "skips",
+        "SkippedRecord": "skips",
+        "DataSource": "records",
+        "ModalityLengthGroupedSampler": "sampler",
+    }
+    for name, module in homes.items():
+        home = f"convllava_jp.data.{module}"
+        assert getattr(importlib.import_module(home), name).__module__ == home
+    assert set(ds_mod.__all__) >= {"ConversationDataset", "japanese_fraction"}
+    for path in Path(ds_mod.__file__).parent.glob("*.py"):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        hints_only = {
+            id(inner)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.If) and getattr(node.test, "id", "") == "TYPE_CHECKING"
+            for inner in ast.walk(node)
+        }
+        for node in ast.walk(tree):
+            if id(node) in hints_only:
+                continue
+            if isinstance(node, ast.ImportFrom):
+                target = "." * node.level + (node.module or "")
+                assert not target.startswith(("..model", "convllava_jp.model")), f"{path.name}: {target}"
+            elif isinstance(node, ast.Import):
+                assert not any(a.name.startswith("convllava_jp.model") for a in node.names), path.name

@@ -19,19 +19,19 @@ from typing import Any
 
 import pytest
 
+from convllava_jp.demo.evaluate import evaluate_synthetic
 from convllava_jp.errors import ConfigError, DataError, ImageError
 from convllava_jp.eval.judge import JudgeConfig
 from convllava_jp.eval.report import ARTICLE_SOURCE, summary_tables, write_summary
 from convllava_jp.eval.runner import (
+    EvalModel,
     EvalSettings,
-    ModelSpec,
     generate_predictions,
-    read_jsonl,
     run_eval,
     run_task,
 )
-from convllava_jp.eval.synthetic import evaluate_synthetic
 from convllava_jp.eval.tasks import get_task
+from convllava_jp.io import read_jsonl
 
 from .test_tasks import HERON_ROWS, write_heron_bench
 
@@ -90,7 +90,7 @@ def quiet(**kw: Any) -> EvalSettings:
 def run_synthetic(world: Path, model_dir: Path, out: Path, get_pipeline, **kw: Any) -> dict:
     task = get_task("synthetic")
     samples = task.load(world, kw.pop("limit", None))
-    return run_task(task, samples, ModelSpec("m", model_dir), out, quiet(**kw), get_pipeline=get_pipeline)
+    return run_task(task, samples, EvalModel("m", model_dir), out, quiet(**kw), get_pipeline=get_pipeline)
 
 
 @contextmanager
@@ -247,18 +247,18 @@ def test_rescore_needs_no_model_and_reproduces_the_summary(world_copy, tiny_mode
     pipe = ScriptedPipeline(lambda request: answers.get(request.images[0], "x"))
     first = run_synthetic(world_copy, tiny_model_dir, tmp_path, lambda: pipe)
     (tmp_path / "synthetic" / "m" / "evaluation.jsonl").unlink()
-    again = run_task(task, samples, ModelSpec("m"), tmp_path, quiet(), rescore=True)
+    again = run_task(task, samples, EvalModel("m"), tmp_path, quiet(), rescore=True)
     assert again["metrics"] == first["metrics"] and first["metrics"]["exact_match"] == 0.5
     assert (
         again["settings"]["max_new_tokens"] == 16 and again["model_fingerprint"] == first["model_fingerprint"]
     )
 
     with pytest.raises(DataError, match="no saved predictions"):
-        run_task(task, samples, ModelSpec("other"), tmp_path, quiet(), rescore=True)
+        run_task(task, samples, EvalModel("other"), tmp_path, quiet(), rescore=True)
     lines = (tmp_path / "synthetic" / "m" / "prediction.jsonl").read_text().splitlines()
     (tmp_path / "synthetic" / "m" / "prediction.jsonl").write_text("\n".join(lines[:-2]) + "\n")
     with pytest.raises(DataError, match="lacks 2 of 16 samples"):
-        run_task(task, samples, ModelSpec("m"), tmp_path, quiet(), rescore=True)
+        run_task(task, samples, EvalModel("m"), tmp_path, quiet(), rescore=True)
 
 
 def test_empty_answers_are_scored_and_failed_samples_recorded(world_copy, tiny_model_dir, tmp_path):
@@ -285,7 +285,7 @@ def test_empty_answers_are_scored_and_failed_samples_recorded(world_copy, tiny_m
 def heron_run(tmp_path, tiny_model_dir, judge, pipe, **kw):
     data = write_heron_bench(tmp_path / "heron.parquet")
     return run_eval(
-        [ModelSpec("m", tiny_model_dir)],
+        [EvalModel("m", tiny_model_dir)],
         ["heron-bench"],
         tmp_path / "res",
         quiet(**kw),
@@ -392,6 +392,7 @@ def test_summary_table_puts_the_article_rows_beside_ours(tmp_path):
     ref = next(line for line in md.splitlines() if line.startswith("| ConvLLaVA-JP-1.3b-768 |"))
     assert ARTICLE_SOURCE in ref and "| 12.05 | 42.80 | 44.24 | 40.00 | 48.16 | 44.96 |" in ref
     assert "| heron-bench | mine | 10 | 256 | greedy | llm-jp-v1 | gpt-4o-2024-11-20" in md  # settings table
+    assert "DESIGN" not in md  # no reference to documents outside the repository
 
     rows = list(csv.reader(io.StringIO(csv_path.read_text(encoding="utf-8"))))
     assert rows[0][:2] == ["model", "source"] and len(rows) == 1 + 2 + 5
@@ -400,8 +401,8 @@ def test_summary_table_puts_the_article_rows_beside_ours(tmp_path):
 
 
 def test_model_spec_names():
-    assert ModelSpec.parse("runs/stage3") == ModelSpec("stage3", Path("runs/stage3"))
-    assert ModelSpec.parse("mine=runs/a/final") == ModelSpec("mine", Path("runs/a/final"))
+    assert EvalModel.parse("runs/stage3") == EvalModel("stage3", Path("runs/stage3"))
+    assert EvalModel.parse("mine=runs/a/final") == EvalModel("mine", Path("runs/a/final"))
     with pytest.raises(ConfigError, match="batch_size"):
         EvalSettings(batch_size=0)
     with pytest.raises(ConfigError, match="not among the tasks"):

@@ -25,12 +25,12 @@ def build_tiny_model(out_dir: Path) -> Path:
     """Write a random `tiny` ConvLLaVA-JP model directory (seeded, 128 px, 4 image tokens)."""
     from transformers import AutoConfig
 
-    from convllava_jp.data.images import ConvLlavaImageProcessor
-    from convllava_jp.data.processor import ConvLlavaProcessor, add_image_token
-    from convllava_jp.data.synthetic import train_tokenizer
-    from convllava_jp.data.templates import LLM_JP_SYSTEM_PROMPT
+    from convllava_jp.demo.tokenizer import train_tokenizer
     from convllava_jp.model import ConvLlavaForConditionalGeneration, build_config, get_preset
-    from convllava_jp.model.weights import save_model_dir
+    from convllava_jp.model.image_processing import ConvLlavaImageProcessor
+    from convllava_jp.model.model_dir import save_model_dir
+    from convllava_jp.model.processing import ConvLlavaProcessor, add_image_token
+    from convllava_jp.model.templates import LLM_JP_SYSTEM_PROMPT
 
     texts = [
         LLM_JP_SYSTEM_PROMPT,

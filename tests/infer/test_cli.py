@@ -12,6 +12,7 @@ import pytest
 
 from convllava_jp import cli
 from convllava_jp.infer.generation import GenerationConfig, GenerationRequest
+from convllava_jp.io import text_lines
 
 from ._support import command, subprocess_env
 
@@ -73,7 +74,7 @@ def expected_answers(pipeline, records: list[dict], image_dir: Path) -> dict[str
 
 
 def read_output(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in text_lines(path.read_text(encoding="utf-8"))]
 
 
 def test_predict_resumes_after_a_real_kill(model_dir, pipeline, images, tmp_path):

@@ -247,3 +247,26 @@ def test_eos_ends_the_answer_the_same_way_in_pipeline_and_batcher(pipeline, imag
         assert batcher.generate(request, config, timeout=30) == result
         assert "".join(batcher.stream(request, config, timeout=30)) == result.text
     assert "".join(eos_pipeline.stream(request, config)) == result.text
+
+
+def test_the_image_placeholder_is_never_generated(pipeline, images):
+    """A copy of the model whose placeholder logit outbids every token: the pipeline and the batcher
+    still never emit it (the model's generation_config.suppress_tokens) and answer as the original."""
+    import copy
+
+    request = requests_for(pipeline, images, 1)[0]
+    config = GenerationConfig(max_new_tokens=10)
+    want = pipeline.generate([request], config)[0]
+    model = copy.deepcopy(pipeline.model)
+    image_id = model.config.image_token_id
+    assert 0 <= image_id < model.get_output_embeddings().weight.shape[0]
+
+    def boost(module, inputs, logits):
+        logits[..., image_id] = logits.abs().amax() * 10 + 100
+
+    model.get_output_embeddings().register_forward_hook(boost)
+    boosted = VLMPipeline(model, pipeline.processor)
+    assert boosted.generate([request], config)[0] == want
+    with ContinuousBatcher(boosted) as batcher:
+        assert batcher.generate(request, config, timeout=30) == want
+        assert "".join(batcher.stream(request, config, timeout=30)) == want.text

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 
 from convllava_jp import ConfigError, TemplateError
 from convllava_jp.model import ConvLlavaForConditionalGeneration, build_config, build_projector
-from convllava_jp.model.weights import load_model_dir
+from convllava_jp.model.model_dir import load_model_dir
 
 IMG = 99  # image placeholder id of the hand-built model (outside the 96-token vocabulary)
 
@@ -175,6 +175,25 @@ def test_stage5_off_gives_stride_32():
     assert config.image_tokens(768, 768) == 576
 
 
+def test_parameter_counts_trainable_only(model):
+    from convllava_jp.model.modeling import parameter_counts
+
+    full = parameter_counts(model)
+    assert parameter_counts(model, trainable_only=True) == full
+    try:
+        model.requires_grad_(False)
+        model.projector.requires_grad_(True)
+        for stage in model.vision_tower.encoder.stages[model.config.trunk_stages :]:
+            stage.requires_grad_(True)
+        counts = parameter_counts(model, trainable_only=True)
+    finally:
+        model.requires_grad_(True)
+    assert counts.keys() == full.keys()
+    assert counts["vision_trunk"] == 0 and counts["llm"] == 0
+    assert counts["projector"] == full["projector"] > 0 and counts["stage5"] == full["stage5"] > 0
+    assert counts["total"] == full["projector"] + full["stage5"]
+
+
 def test_bad_presets_and_projectors():
     with pytest.raises(ConfigError, match="unknown preset"):
         build_config("nope")
@@ -237,17 +256,78 @@ def test_model_dir_with_processor_trains_one_step(tiny_model_dir, tiny_world):
     assert losses[-1] < losses[0]
 
 
-def test_image_placeholder_is_never_generated():
+def test_image_placeholder_is_never_generated(tmp_path):
+    """Suppressed through the generation config (not in `forward`), also after save/load."""
     torch.manual_seed(0)
     config = build_config("tiny", vocab_size=96, image_token_id=5)  # an id inside the vocabulary
     model = ConvLlavaForConditionalGeneration(config).eval()
+    assert model.generation_config.suppress_tokens == [5]
     with torch.no_grad():
-        model.language_model.lm_head.weight[5] += 100.0  # make it the model's favourite token
-        out = model.generate(
-            input_ids=torch.tensor([[1, 2, 3]]),
-            max_new_tokens=6,
-            do_sample=False,
-            eos_token_id=None,
-            pad_token_id=0,
+        # make it the model's favourite token at every position: a constant feature feeds its row
+        model.language_model.transformer.ln_f.bias[0] += 10.0
+        model.language_model.lm_head.weight[5, 0] += 100.0
+    model.save_pretrained(tmp_path)
+    reloaded = ConvLlavaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert reloaded.generation_config.suppress_tokens == [5]
+    prompt = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        logits = model(input_ids=prompt).logits
+        assert torch.equal(logits, model.language_model(input_ids=prompt).logits)  # forward is the plain LM
+        assert logits[0, -1].argmax().item() == 5
+        for m in (model, reloaded):
+            out = m.generate(
+                input_ids=prompt, max_new_tokens=6, do_sample=False, eos_token_id=None, pad_token_id=0
+            )
+            assert 5 not in out[0, 3:].tolist()
+
+
+def test_set_image_token_id_moves_the_suppressed_token():
+    model = ConvLlavaForConditionalGeneration(build_config("tiny", vocab_size=96, image_token_id=0))
+    model.generation_config.suppress_tokens = [0, 7]
+    model.set_image_token_id(90)
+    assert model.config.image_token_id == 90
+    assert model.generation_config.suppress_tokens == [7, 90]  # token 0 is an ordinary token again
+
+
+def test_no_split_modules_come_from_the_language_model_and_the_vision_tower():
+    from transformers import LlamaConfig
+
+    gpt2 = ConvLlavaForConditionalGeneration(build_config("tiny", vocab_size=96))
+    assert gpt2._no_split_modules == {"ConvNextLayer", "ConvNextStage", "GPT2Block"}
+    llama_text = LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    with torch.device("meta"):
+        llama = ConvLlavaForConditionalGeneration(build_config("tiny", text_config=llama_text))
+    assert llama._no_split_modules == {"ConvNextLayer", "ConvNextStage", "LlamaDecoderLayer"}
+
+
+def test_gradient_checkpointing_kwargs_reach_every_checkpoint(model, monkeypatch):
+    import transformers.modeling_utils
+
+    calls = []
+    original = transformers.modeling_utils.checkpoint
+
+    def recording(function, *args, **kwargs):
+        calls.append((type(getattr(function, "__self__", function)).__name__, kwargs))
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.modeling_utils, "checkpoint", recording)
+    ids = torch.tensor([[3, IMG, IMG, IMG, IMG, 8]])
+    try:
+        model.train()
+        model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False, "preserve_rng_state": False}
         )
-    assert 5 not in out[0, 3:].tolist()
+        assert model.is_activation_checkpointing
+        model(
+            input_ids=ids, pixel_values=torch.randn(1, 3, 128, 128), labels=ids.masked_fill(ids == IMG, -100)
+        )
+    finally:
+        model.gradient_checkpointing_disable()
+        model.eval()
+    assert not model.is_activation_checkpointing
+    kinds = [kind for kind, _ in calls]
+    assert kinds.count("ConvNextStage") == len(model.vision_tower.encoder.stages)
+    assert len(kinds) - kinds.count("ConvNextStage") == model.config.text_config.n_layer  # one per LLM block
+    assert all(kwargs == {"use_reentrant": False, "preserve_rng_state": False} for _, kwargs in calls)

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 SRC = Path(__file__).resolve().parents[2] / "src"
+HOLD_RUNNER = Path(__file__).resolve().parent / "_hold_runner.py"
 
 # Settings every test stage shares: fp32, no workers, no checkpointing, a loss logged every step.
 TEST_DEFAULTS = {
@@ -63,6 +64,17 @@ def start_train(recipe: Path, log_path: Path, *args: str, **env: str) -> subproc
     )
 
 
+def start_held_train(recipe: Path, log_path: Path, *args: str) -> subprocess.Popen:
+    """Start `_hold_runner.py` (train, then hold at a point `args` name until killed) in a subprocess."""
+    out = open(log_path, "ab")  # inherited by the child; closed when the test ends
+    return subprocess.Popen(
+        [sys.executable, str(HOLD_RUNNER), str(recipe), *args],
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=cli_env(),
+    )
+
+
 def losses_by_step(stage_dir: Path) -> dict[int, float]:
     """Per-step training losses from a finished stage's log_history.json."""
     history = json.loads((stage_dir / "log_history.json").read_text())
@@ -77,8 +89,10 @@ def broken_stage1(tiny_world: Path, tiny_model_dir: Path, tmp_path_factory) -> P
     and 6 (test_resume relies on 5 and 6 falling between checkpoint-4 and the kill). A record's
     sampling length does not depend on its image path, so replacing keeps the order.
     """
-    from convllava_jp.data.dataset import ConversationDataset, DataSource, ModalityLengthGroupedSampler
-    from convllava_jp.data.processor import ConvLlavaProcessor
+    from convllava_jp.data.dataset import ConversationDataset
+    from convllava_jp.data.records import DataSource
+    from convllava_jp.data.sampler import ModalityLengthGroupedSampler
+    from convllava_jp.model.processing import ConvLlavaProcessor
 
     records = json.loads((tiny_world / "stage1.json").read_text(encoding="utf-8"))
     for r in records:

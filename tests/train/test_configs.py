@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from convllava_jp.model.weights import load_model_dir
+from convllava_jp.model.model_dir import load_model_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 ACCELERATE = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))

@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from convllava_jp.train.recipe import load_recipe
-from convllava_jp.train.trainer import train_recipe
+from convllava_jp.train.stages import train_recipe
 
 from .conftest import cli_env, losses_by_step, write_recipe
 

@@ -6,12 +6,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from convllava_jp.data.dataset import ConversationDataset, DataCollator, DataSource
+from convllava_jp.data.collate import DataCollator
+from convllava_jp.data.dataset import ConversationDataset
+from convllava_jp.data.records import DataSource
 from convllava_jp.errors import ConfigError
-from convllava_jp.model.weights import load_model_dir
+from convllava_jp.model.model_dir import load_model_dir
+from convllava_jp.model.modeling import parameter_counts
+from convllava_jp.train.freezing import apply_trainable
 from convllava_jp.train.lora import DEFAULT_TARGET_MODULES, apply_lora, default_target_modules, merge_lora
 from convllava_jp.train.recipe import LoraSpec, StageConfig
-from convllava_jp.train.trainer import apply_trainable, run_stage, trainable_counts
+from convllava_jp.train.stages import run_stage
 
 from .conftest import TEST_DEFAULTS
 
@@ -40,10 +44,10 @@ def test_lora_trains_adapters_and_projector_only(tiny_model_dir):
     model, _ = load_model_dir(tiny_model_dir)
     apply_trainable(model, ["projector"], allow_empty=True)
     n_adapters = apply_lora(model, LoraSpec(r=4, alpha=8))
-    counts = trainable_counts(model)
+    counts = parameter_counts(model, trainable_only=True)
     assert counts["llm"] == n_adapters > 0
     assert counts["projector"] == sum(p.numel() for p in model.projector.parameters())
-    assert counts["vision"] == 0
+    assert counts["vision_trunk"] == counts["stage5"] == 0
     trainable = [n for n, p in model.language_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
     # GPT-2 (tiny: 2 layers): c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj in each layer, A and B each.

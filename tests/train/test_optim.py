@@ -9,9 +9,11 @@ import torch
 from transformers import TrainerCallback
 
 from convllava_jp.errors import ConfigError
-from convllava_jp.model.weights import load_model_dir
+from convllava_jp.model.model_dir import load_model_dir
+from convllava_jp.train.arguments import _optimizer_name
+from convllava_jp.train.freezing import apply_trainable
 from convllava_jp.train.recipe import StageConfig
-from convllava_jp.train.trainer import _optimizer_name, apply_trainable, build_trainer
+from convllava_jp.train.stages import build_trainer
 
 from .conftest import TEST_DEFAULTS
 
@@ -35,11 +37,11 @@ def test_adamw_8bit_falls_back_to_torch_adamw_with_a_notice(tiny_world, caplog):
     if torch.cuda.is_available() and _has_bitsandbytes():
         assert _optimizer_name(stage) == "adamw_bnb_8bit"
         return
-    with caplog.at_level(logging.WARNING, logger="convllava_jp.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="convllava_jp.train.arguments"):
         assert _optimizer_name(stage) == "adamw_torch"
     assert "8-bit AdamW needs bitsandbytes and a CUDA GPU; using torch AdamW" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="convllava_jp.train.trainer"):
+    with caplog.at_level(logging.WARNING, logger="convllava_jp.train.arguments"):
         assert _optimizer_name(_stage(tiny_world, optimizer="adamw")) == "adamw_torch"
     assert "8-bit" not in caplog.text  # plain AdamW asks for nothing, so nothing to say
 

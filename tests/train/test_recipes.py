@@ -1,4 +1,4 @@
-"""The article's recipes: hyper-parameters as DESIGN section 3, trainable counts per stage (meta device)."""
+"""The article's recipes: its hyper-parameters, and the trainable counts per stage (meta device)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,14 @@ import torch
 from convllava_jp.errors import CheckpointError, ConfigError
 from convllava_jp.model.modeling import ConvLlavaForConditionalGeneration, parameter_counts
 from convllava_jp.model.presets import build_config
+from convllava_jp.train.checkpoints import resolve_resume
+from convllava_jp.train.freezing import apply_trainable
 from convllava_jp.train.recipe import StageConfig, load_recipe
-from convllava_jp.train.trainer import apply_trainable, resolve_resume, train_recipe
+from convllava_jp.train.stages import train_recipe
 
 RECIPES = ("convllava-jp-1.3b-768", "convllava-jp-1.3b-1280")
 
-# Parameters of ConvLLaVA-JP-1.3b (DESIGN section 2), by hand:
+# Parameters of ConvLLaVA-JP-1.3b (the article's numbers), by hand:
 STAGE5_DOWNSAMPLE = 3072 + (1536 * 3072 * 4 + 3072)  # LayerNorm2d(1536) + 2x2 conv to 3072
 STAGE5_BLOCK = (3072 * 49 + 3072) + 2 * 3072 + (3072 * 12288 + 12288) + (12288 * 3072 + 3072) + 3072
 STAGE5 = STAGE5_DOWNSAMPLE + 6 * STAGE5_BLOCK  # block: dwconv 7x7, LN, fc1, fc2, layer scale
@@ -76,15 +78,14 @@ def test_trainable_parameters_per_stage_on_the_meta_device(name):
         LLM,
     )
     expected = {
-        "1": {"vision": STAGE5, "projector": PROJECTOR, "llm": 0},
-        "2": {"vision": VISION_TRUNK + STAGE5, "projector": PROJECTOR, "llm": 0},
-        "3": {"vision": 0, "projector": PROJECTOR, "llm": LLM},
+        "1": {"vision_trunk": 0, "stage5": STAGE5, "projector": PROJECTOR, "llm": 0},
+        "2": {"vision_trunk": VISION_TRUNK, "stage5": STAGE5, "projector": PROJECTOR, "llm": 0},
+        "3": {"vision_trunk": 0, "stage5": 0, "projector": PROJECTOR, "llm": LLM},
     }
     for stage_name, stage in recipe.stages.items():
         got = apply_trainable(model, stage.trainable)
-        assert {k: got[k] for k in ("vision", "projector", "llm")} == expected[stage_name], stage_name
-        assert got["total"] == sum(expected[stage_name].values())
-    assert expected["1"]["vision"] + expected["1"]["projector"] == 483_424_256
+        assert got == {**expected[stage_name], "total": sum(expected[stage_name].values())}, stage_name
+    assert expected["1"]["stage5"] + expected["1"]["projector"] == 483_424_256
 
 
 def test_vars_point_the_recipe_at_local_data():

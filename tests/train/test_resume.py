@@ -1,9 +1,10 @@
-"""Checkpoints and resume with a real kill: a SIGKILLed `convllava-jp train` resumes on the same curve.
+"""Checkpoints and resume with a real kill: a SIGKILLed training run resumes on the same curve.
 
-Each test starts the CLI in a subprocess, holds it at a known point through a test hook (after an
-optimizer step, or with a checkpoint written but not yet published), kills it with SIGKILL, checks
-what is on disk, resumes it, and compares the per-step losses, final weights and skipped-record log
-with an uninterrupted run of the same recipe.
+Each test starts training in a subprocess (`_hold_runner.py`), holds it at a known point through a
+Trainer callback or the `before_publish` hook (after an optimizer step, or with a checkpoint written
+but not yet published), kills it with SIGKILL, checks what is on disk, resumes it with the CLI
+(`convllava-jp train`), and compares the per-step losses, final weights and skipped-record log with
+an uninterrupted run of the same recipe.
 """
 
 from __future__ import annotations
@@ -19,16 +20,11 @@ import torch
 from safetensors.torch import load_file
 
 from convllava_jp.model.modeling import ConvLlavaForConditionalGeneration
+from convllava_jp.train.checkpoints import SKIP_STATE_NAME, complete_checkpoints
 from convllava_jp.train.recipe import load_recipe
-from convllava_jp.train.trainer import (
-    HOLD_AT_STEP_ENV,
-    HOLD_BEFORE_PUBLISH_ENV,
-    SKIP_STATE_NAME,
-    complete_checkpoints,
-    train_recipe,
-)
+from convllava_jp.train.stages import train_recipe
 
-from .conftest import losses_by_step, start_train, write_recipe
+from .conftest import losses_by_step, start_held_train, start_train, write_recipe
 
 MAX_STEPS = 16
 SAVE_STEPS = 4
@@ -110,7 +106,7 @@ def test_sigkill_mid_run_then_resume_continues_the_same_loss_curve(
     run_dir = stage_dir / "checkpoints"
     log_path = tmp_path / "train.log"
 
-    proc = start_train(recipe, log_path, "--stage", "1", **{HOLD_AT_STEP_ENV: "6"})
+    proc = start_held_train(recipe, log_path, "--stage", "1", "--at-step", "6")
     try:
         _wait_for(run_dir / "HELD-6", proc, log_path)
         # Killed after step 6: checkpoint-4 is complete, steps 5-6 are lost.
@@ -145,7 +141,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(
     run_dir = stage_dir / "checkpoints"
     log_path = tmp_path / "train.log"
 
-    proc = start_train(recipe, log_path, "--stage", "1", **{HOLD_BEFORE_PUBLISH_ENV: "8"})
+    proc = start_held_train(recipe, log_path, "--stage", "1", "--before-publish", "8")
     try:
         staging = run_dir / ".staging-8"
         _wait_for(staging / "HELD", proc, log_path)

@@ -1,4 +1,4 @@
-"""Images: safe loading, CLIP-style preprocessing and the HF-style image processor.
+"""Images: safe loading, CLIP-style preprocessing and the image-token count.
 
 `load_image` turns a path / bytes / file object / PIL image into a fully decoded RGB image, or
 raises `ImageError` naming the file (missing, not an image, truncated, too many pixels).
@@ -13,8 +13,8 @@ raises `ImageError` naming the file (missing, not an image, truncated, too many 
 - ``keep-aspect``: long side to the target, both sides rounded to multiples of ``stride``, no crop
   (ConvLLaVA's finding for documents).
 
-`ConvLlavaImageProcessor` wraps both for the model and saves/loads as ``preprocessor_config.json``
-like any transformers image processor.
+`image_token_count` is the one formula for how many image tokens a preprocessed image becomes.
+The model's `ConvLlavaImageProcessor` (`model/image_processing.py`) wraps loading and preprocessing.
 """
 
 from __future__ import annotations
@@ -25,13 +25,11 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from typing import IO, Any, TypedDict
+from typing import IO
 
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms import functional as TF
-from transformers.image_processing_base import BatchFeature
-from transformers.image_processing_utils import BaseImageProcessor
 
 from ..errors import ConfigError, ImageError
 
@@ -85,7 +83,7 @@ def load_image(
         ImageError: missing file, not an image, truncated or corrupt data, too many pixels.
         ConfigError: ``max_pixels`` is not a positive int.
     """
-    _check_positive_int("max_pixels", max_pixels)
+    check_positive_int("max_pixels", max_pixels)
     label = name if name is not None else _source_label(source)
     if isinstance(source, Image.Image):
         return _decode_checked(source, label, max_pixels)
@@ -214,7 +212,7 @@ def preprocess(
         ``crop`` / ``pad`` and `preprocessed_size` of the image for ``keep-aspect``.
     """
     target = preprocessed_size(image.height, image.width, size, mode, stride)
-    mean, std = _check_mean_std(mean, std)
+    mean, std = check_mean_std(mean, std)
     if image.mode != "RGB":
         image = to_rgb(image)
 
@@ -256,7 +254,7 @@ def image_token_count(height: int, width: int, stride: int = DEFAULT_STRIDE) -> 
     Raises:
         ConfigError: ``height`` or ``width`` is not a positive multiple of ``stride``.
     """
-    _check_positive_int("stride", stride)
+    check_positive_int("stride", stride)
     for side_name, side in (("height", height), ("width", width)):
         if isinstance(side, bool) or not isinstance(side, int) or side <= 0 or side % stride:
             raise ConfigError(
@@ -275,7 +273,7 @@ def check_preprocess_options(size: ImageSize, mode: str, stride: int) -> tuple[i
     """
     if mode not in PREPROCESS_MODES:
         raise ConfigError(f"unknown image mode {mode!r}; valid modes: {', '.join(PREPROCESS_MODES)}")
-    _check_positive_int("stride", stride)
+    check_positive_int("stride", stride)
     if isinstance(size, (tuple, list)):
         if len(size) != 2 or not all(_is_positive_int(side) for side in size):
             raise ConfigError(f"image size {size!r} must be a positive int or (height, width)")
@@ -376,12 +374,12 @@ def _is_positive_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
-def _check_positive_int(option: str, value: object) -> None:
+def check_positive_int(option: str, value: object) -> None:
     if not _is_positive_int(value):
         raise ConfigError(f"{option} must be a positive int, got {value!r}")
 
 
-def _check_mean_std(
+def check_mean_std(
     mean: Sequence[float], std: Sequence[float]
 ) -> tuple[tuple[float, ...], tuple[float, ...]]:
     try:
@@ -394,114 +392,3 @@ def _check_mean_std(
             f"image mean/std must be 3 numbers each (std > 0), got {list(mean)!r} / {list(std)!r}"
         )
     return mean_t, std_t
-
-
-# --------------------------------------------------------------------------------------------------
-# Image processor (transformers-style save/load)
-# --------------------------------------------------------------------------------------------------
-
-
-class ConvLlavaImageProcessorKwargs(TypedDict, total=False):
-    """Options `ConvLlavaImageProcessor.from_pretrained(path, **kwargs)` may override."""
-
-    image_size: int | list[int]
-    mode: str
-    stride: int
-    image_mean: list[float]
-    image_std: list[float]
-    max_pixels: int
-
-
-class ConvLlavaImageProcessor(BaseImageProcessor):
-    """Loads and preprocesses images for ConvLLaVA; saved as ``preprocessor_config.json``.
-
-    Args:
-        image_size: int (square) or ``[H, W]``; the long side for ``keep-aspect``. Must be a
-            multiple of ``stride`` so every pixel maps to an image token.
-        mode: ``"crop"`` (open_clip's eval transform), ``"pad"`` (LLaVA's expand-to-square) or
-            ``"keep-aspect"``.
-        stride: pixels per image token side (64 with stage 5, 32 without).
-        image_mean, image_std: normalisation, CLIP's by default.
-        max_pixels: images with more pixels are refused (see `load_image`).
-    """
-
-    model_input_names = ["pixel_values", "image_sizes"]
-    valid_kwargs = ConvLlavaImageProcessorKwargs  # read by ImageProcessingMixin.from_dict
-
-    def __init__(
-        self,
-        image_size: int | Sequence[int] = 768,
-        mode: str = "crop",
-        stride: int = DEFAULT_STRIDE,
-        image_mean: Sequence[float] = CLIP_MEAN,
-        image_std: Sequence[float] = CLIP_STD,
-        max_pixels: int = DEFAULT_MAX_PIXELS,
-        **kwargs: Any,
-    ) -> None:
-        unknown = set(kwargs) - {"image_processor_type", "auto_map", "processor_class"}
-        if unknown:
-            logger.warning("ConvLlavaImageProcessor: ignoring unknown options %s", sorted(unknown))
-        kwargs.pop("image_processor_type", None)  # to_dict writes it back
-        super().__init__(**{key: value for key, value in kwargs.items() if key not in unknown})
-
-        size: ImageSize = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
-        target_h, target_w = check_preprocess_options(size, mode, stride)
-        if target_h % stride or target_w % stride:
-            raise ConfigError(
-                f"image_size {size!r} must be a multiple of the stride {stride} so that every "
-                f"pixel maps to an image token (e.g. {stride * 12})"
-            )
-        mean, std = _check_mean_std(image_mean, image_std)
-        _check_positive_int("max_pixels", max_pixels)
-        # Plain lists and ints only: to_dict() deep-copies __dict__ straight into the JSON file.
-        self.image_size: int | list[int] = size
-        self.mode = mode
-        self.stride = stride
-        self.image_mean = list(mean)
-        self.image_std = list(std)
-        self.max_pixels = max_pixels
-
-    def __call__(
-        self, images: ImageSource | Sequence[ImageSource], return_tensors: str | None = "pt"
-    ) -> BatchFeature:
-        """Load and preprocess one image or a list of them.
-
-        Args:
-            images: one image or a list; each anything `load_image` accepts.
-            return_tensors: only ``"pt"`` (PyTorch) is supported.
-
-        Returns:
-            BatchFeature with ``pixel_values``: a ``(B, 3, H, W)`` float32 tensor when all images
-            come out the same size (always in ``crop`` / ``pad``), else a list of ``(3, H_i, W_i)``
-            tensors; and ``image_sizes``: ``(B, 2)`` int64, each image's preprocessed ``(H, W)``
-            (what `image_token_count` takes).
-
-        Raises:
-            ImageError: an image cannot be used (names the file).
-            ConfigError: an unsupported ``return_tensors``.
-        """
-        if return_tensors not in ("pt", None):
-            raise ConfigError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
-        batch = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not batch:
-            raise ImageError("no images given to ConvLlavaImageProcessor")
-
-        pixel_values = []
-        for index, source in enumerate(batch):
-            name = f"<bytes: image {index}>" if isinstance(source, (bytes, bytearray)) else None
-            image = load_image(source, max_pixels=self.max_pixels, name=name)
-            pixel_values.append(
-                preprocess(image, self.image_size, self.mode, self.stride, self.image_mean, self.image_std)
-            )
-        image_sizes = torch.tensor([list(values.shape[-2:]) for values in pixel_values], dtype=torch.long)
-        same_size = all(values.shape == pixel_values[0].shape for values in pixel_values)
-        stacked: torch.Tensor | list[torch.Tensor] = torch.stack(pixel_values) if same_size else pixel_values
-        return BatchFeature({"pixel_values": stacked, "image_sizes": image_sizes})
-
-    def output_size(self, height: int, width: int) -> tuple[int, int]:
-        """``(H, W)`` of the pixel values this processor makes from a ``height x width`` image."""
-        return preprocessed_size(height, width, self.image_size, self.mode, self.stride)
-
-    def num_image_tokens(self, height: int, width: int) -> int:
-        """Image tokens the model makes for a ``height x width`` input image (before preprocessing)."""
-        return image_token_count(*self.output_size(height, width), stride=self.stride)

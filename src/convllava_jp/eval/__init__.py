@@ -26,7 +26,7 @@ from .metrics import (
 _LAZY = {
     "JudgeConfig": "judge",
     "EvalSettings": "runner",
-    "ModelSpec": "runner",
+    "EvalModel": "runner",
     "run_eval": "runner",
     "run_task": "runner",
     "TASKS": "tasks",
@@ -38,7 +38,6 @@ _LAZY = {
     "summary_tables": "report",
     "write_summary": "report",
     "collect_summaries": "report",
-    "evaluate_synthetic": "synthetic",
 }
 
 __all__ = [

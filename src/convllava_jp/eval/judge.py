@@ -153,6 +153,19 @@ def _read_completion(response: httpx.Response) -> tuple[str | None, str | None]:
     return (content if isinstance(content, str) else None), version
 
 
+def _payload(cfg: JudgeConfig, messages: list[dict]) -> dict[str, Any]:
+    """The chat-completions request body for the judge."""
+    payload: dict[str, Any] = {
+        "model": cfg.model,
+        "messages": messages,
+        "temperature": cfg.temperature,
+        "max_tokens": cfg.max_tokens,
+    }
+    if cfg.seed is not None:
+        payload["seed"] = cfg.seed
+    return payload
+
+
 def judge_one(
     cfg: JudgeConfig,
     context: str,
@@ -173,24 +186,10 @@ def judge_one(
         with httpx.Client(timeout=cfg.timeout_s) as own_client:
             return judge_one(cfg, context, question, reference, answer, client=own_client)
 
-    payload: dict[str, Any] = {
-        "model": cfg.model,
-        "messages": build_judge_messages(context, question, reference, answer),
-        "temperature": cfg.temperature,
-        "max_tokens": cfg.max_tokens,
-    }
-    if cfg.seed is not None:
-        payload["seed"] = cfg.seed
+    payload = _payload(cfg, build_judge_messages(context, question, reference, answer))
     headers = cfg.headers()
-    result: dict[str, Any] = {
-        "score_gpt": -1,
-        "score": -1,
-        "raw": None,
-        "error": None,
-        "judge_model": cfg.model,
-        "judge_model_version": None,
-        "attempts": 0,
-    }
+    result: dict[str, Any] = dict(score_gpt=-1, score=-1, raw=None, error=None)
+    result.update(judge_model=cfg.model, judge_model_version=None, attempts=0)
     retries = 0
     parse_failures = 0
     while True:

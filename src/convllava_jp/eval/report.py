@@ -1,15 +1,14 @@
 """Summary tables across tasks and models, with the article's published rows beside ours.
 
 `collect_summaries` reads every `<output>/<task>/<model>/summary.json`; `summary_tables` lays them
-out one row per model (Markdown + CSV), appends the article's reference rows (DESIGN section 1)
-labelled as published, and a second table with the settings behind every number.
+out one row per model (Markdown + CSV), appends the ConvLLaVA-JP article's published rows
+(labelled as such), and a second table with the settings behind every number.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
 import os
@@ -18,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .runner import SCORING_PACKAGES
+from ..errors import DataError
+from ..io import read_json, write_atomic
+from .cache import SCORING_PACKAGES
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ COLUMNS: tuple[Column, ...] = (
 )
 _ARTICLE_TASKS = ("ja-vg-vqa-500", "ja-vlm-bench-in-the-wild", "heron-bench")
 
-# DESIGN section 1 (the article's table): {task: {key: value}} in the units of COLUMNS.
+# The ConvLLaVA-JP article's results table (2024-06): {task: {key: value}} in the units of COLUMNS.
 ARTICLE_ROWS: tuple[dict[str, Any], ...] = (
     {
         "model": "ConvLLaVA-JP-1.3b-768",
@@ -106,8 +107,8 @@ def collect_summaries(output_dir: str | os.PathLike) -> list[dict[str, Any]]:
     out = []
     for path in sorted(Path(output_dir).glob("*/*/summary.json")):
         try:
-            out.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, json.JSONDecodeError) as err:
+            out.append(read_json(path, what="summary"))
+        except DataError as err:
             log.warning("skipping %s: %s", path, err)
     return out
 
@@ -200,7 +201,7 @@ def summary_tables(summaries: Sequence[Mapping[str, Any]], include_article: bool
     if include_article:
         md.append("")
         md.append(
-            f"Rows marked '{ARTICLE_SOURCE}' are the article's reported numbers (DESIGN section 1), "
+            f"Rows marked '{ARTICLE_SOURCE}' are the article's reported numbers, "
             "not produced by this run. ROUGE-L is Japanese ROUGE-L x100 (llm-jp-eval-mm); Heron is "
             "100 * mean(model score) / mean(reference score) per category."
         )
@@ -286,6 +287,6 @@ def write_summary(
         summaries = collect_summaries(output_dir)
     tables = summary_tables(summaries, include_article)
     md_path, csv_path = output_dir / "summary.md", output_dir / "summary.csv"
-    md_path.write_text(tables.markdown, encoding="utf-8")
-    csv_path.write_text(tables.csv, encoding="utf-8")
+    write_atomic(md_path, tables.markdown)
+    write_atomic(csv_path, tables.csv)
     return md_path, csv_path, tables

@@ -20,19 +20,15 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from ..data.processor import EncodedConversation
 from ..errors import ConfigError, ConvLlavaError
-from .generation import (
-    GenerationConfig,
-    GenerationRequest,
-    GenerationResult,
-    IncrementalDecoder,
-    VLMPipeline,
-)
+from ..model.processing import EncodedConversation
+from .decoding import IncrementalDecoder
+from .generation import GenerationConfig, GenerationRequest, GenerationResult, VLMPipeline
+from .running_batch import Row, RunningBatch, check_cache_layers, sample_tokens, suppressed_ids
 
 log = logging.getLogger(__name__)
 
@@ -89,32 +85,6 @@ class Ticket:
 
 
 @dataclass
-class _Row:
-    """A running request: its decoder, sampler state and counters."""
-
-    ticket: Ticket
-    decoder: IncrementalDecoder
-    generator: torch.Generator | None
-    seen: torch.Tensor | None  # unique ids for the repetition penalty, (K,) long; None when 1.0
-    completion_tokens: int = 0
-
-
-@dataclass
-class _Batch:
-    """The running batch. The cache holds every token but each row's `next_token`.
-
-    cache: KV cache, (B, heads, T, head_dim) per layer; mask (B, T) 1 where a real token is;
-    positions (B,): position id of `next_token`.
-    """
-
-    cache: object
-    mask: torch.Tensor
-    positions: torch.Tensor
-    next_token: torch.Tensor
-    rows: list[_Row] = field(default_factory=list)
-
-
-@dataclass
 class BatcherStats:
     """Counters since start: what /health and the benchmark report."""
 
@@ -128,27 +98,6 @@ class BatcherStats:
     peak_batch: int = 0
     prefills: int = 0
     joined_running: int = 0  # prefills merged into a batch that was already decoding
-
-
-def _check_cache_layers(cache) -> list:
-    """The per-layer K/V holders of a full-attention DynamicCache, or ConfigError."""
-    from transformers.cache_utils import DynamicLayer
-
-    layers = getattr(cache, "layers", None)
-    if not layers or any(type(layer) is not DynamicLayer for layer in layers):
-        raise ConfigError(
-            "continuous batching needs a full-attention dynamic KV cache (GPT-2, Llama, GPT-NeoX); "
-            f"this model's cache is {type(cache).__name__} with {sorted({type(x).__name__ for x in layers or []})}"
-        )
-    return layers
-
-
-def _pad_left(t: torch.Tensor, n: int, dim: int) -> torch.Tensor:
-    if n == 0:
-        return t
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 class ContinuousBatcher:
@@ -181,11 +130,12 @@ class ContinuousBatcher:
         self._pending: deque[Ticket] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._batch: _Batch | None = None
+        self._batch: RunningBatch | None = None
         self._thread: threading.Thread | None = None
         tok = pipeline.tokenizer
         self._eos = tok.eos_token_id
         self._pad = tok.pad_token_id
+        self._suppress = suppressed_ids(pipeline.model, pipeline.device)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> ContinuousBatcher:
@@ -344,7 +294,7 @@ class ContinuousBatcher:
                     taken.append(ticket)
             return taken
 
-    def _new_row(self, ticket: Ticket) -> _Row:
+    def _new_row(self, ticket: Ticket) -> Row:
         cfg = ticket.config
         generator = None
         if not cfg.greedy:
@@ -354,7 +304,7 @@ class ContinuousBatcher:
         if cfg.repetition_penalty != 1.0:
             seen = torch.tensor(sorted(set(ticket.encoded.input_ids)), device=self.pipeline.device)
         decoder = IncrementalDecoder(self.pipeline.tokenizer, cfg.stop, self.pipeline.byte_ids)
-        return _Row(ticket, decoder, generator, seen)
+        return Row(ticket, decoder, generator, seen)
 
     @torch.inference_mode()
     def _prefill(self, tickets: list[Ticket]) -> None:
@@ -368,41 +318,21 @@ class ContinuousBatcher:
                 out = pipe.model(
                     **inputs, position_ids=positions, use_cache=True, logits_to_keep=1, return_dict=True
                 )
-            _check_cache_layers(out.cache)
+            check_cache_layers(out.cache)
             rows = [self._new_row(t) for t in tickets]
-            tokens = self._sample(out.logits[:, -1, :], rows)
+            tokens = sample_tokens(out.logits[:, -1, :], rows, self._suppress)
         except Exception as err:  # only these requests fail; the running batch goes on
             log.exception("prefill of %d requests failed", len(tickets))
             for t in tickets:
                 self.stats.failed += 1
                 t.emit(StreamEvent(error=err))
             return
-        self._merge(_Batch(out.cache, mask, mask.sum(-1), torch.zeros_like(mask[:, 0]), rows))
+        self._merge(RunningBatch(out.cache, mask, mask.sum(-1), torch.zeros_like(mask[:, 0]), rows))
         self._take_tokens(tokens, first_row=len(self._batch.rows) - len(rows))
-
-    def _merge(self, new: _Batch) -> None:
-        old = self._batch
-        self.stats.prefills += 1
-        if old is None:
-            self._batch = new
-            return
-        self.stats.joined_running += 1
-        t_old, t_new = old.mask.shape[1], new.mask.shape[1]
-        length = max(t_old, t_new)
-        for a, b in zip(_check_cache_layers(old.cache), _check_cache_layers(new.cache)):
-            a.keys = torch.cat([_pad_left(a.keys, length - t_old, 2), _pad_left(b.keys, length - t_new, 2)])
-            a.values = torch.cat(
-                [_pad_left(a.values, length - t_old, 2), _pad_left(b.values, length - t_new, 2)]
-            )
-        old.mask = torch.cat([_pad_left(old.mask, length - t_old, 1), _pad_left(new.mask, length - t_new, 1)])
-        old.positions = torch.cat([old.positions, new.positions])
-        old.next_token = torch.cat([old.next_token, new.next_token])
-        old.rows += new.rows
 
     @torch.inference_mode()
     def _step(self) -> None:
         """One decode step for every running row."""
-        batch = self._batch
         pipe = self.pipeline
         self._drop(lambda row: row.ticket.cancelled, cancelled=True)
         if self._batch is None:
@@ -421,33 +351,16 @@ class ContinuousBatcher:
         batch.cache = out.cache
         batch.positions = batch.positions + 1
         self.stats.steps += 1
-        tokens = self._sample(out.logits[:, -1, :], batch.rows)
+        tokens = sample_tokens(out.logits[:, -1, :], batch.rows, self._suppress)
         self._take_tokens(tokens, first_row=0)
 
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Next token of each row, (B,), with each row's penalty, temperature and top-p."""
-        logits = logits.float()
-        for i, row in enumerate(rows):
-            if row.seen is not None:
-                p = row.ticket.config.repetition_penalty
-                score = logits[i, row.seen]
-                logits[i, row.seen] = torch.where(score < 0, score * p, score / p)
-        tokens = logits.argmax(-1)
-        for i, row in enumerate(rows):
-            if row.generator is None:
-                continue
-            cfg = row.ticket.config
-            scores = logits[i] / cfg.temperature
-            if cfg.top_p < 1.0:
-                # As transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p.
-                sorted_scores, order = torch.sort(scores)
-                cumulative = sorted_scores.softmax(-1).cumsum(-1)
-                remove = cumulative <= 1 - cfg.top_p
-                remove[-1] = False
-                scores[order[remove]] = float("-inf")
-            probs = scores.softmax(-1)
-            tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-        return tokens
+    def _merge(self, new: RunningBatch) -> None:
+        self.stats.prefills += 1
+        if self._batch is None:
+            self._batch = new
+            return
+        self.stats.joined_running += 1
+        self._batch.extend(new)
 
     def _take_tokens(self, tokens: torch.Tensor, first_row: int) -> None:
         """Hand each row its token (from `first_row` on); finished rows leave the batch."""
@@ -493,7 +406,7 @@ class ContinuousBatcher:
             self._drop(lambda row: False, indices=set(finished))
 
     def _drop(
-        self, predicate: Callable[[_Row], bool], indices: set[int] = frozenset(), cancelled=False
+        self, predicate: Callable[[Row], bool], indices: set[int] = frozenset(), cancelled=False
     ) -> None:
         """Remove rows (by index or predicate) from the batch; trim padding no row needs."""
         batch = self._batch
@@ -506,19 +419,10 @@ class ContinuousBatcher:
             self.stats.cancelled += len(gone)
             log.info("dropped %d cancelled requests", len(gone))
         keep = [i for i in range(len(batch.rows)) if i not in gone]
-        if not keep:
+        if keep:
+            batch.keep(keep)
+        else:
             self._batch = None
-            return
-        idx = torch.tensor(keep, device=batch.mask.device)
-        mask = batch.mask[idx]
-        start = int(mask.any(0).nonzero()[0, 0])  # columns that are padding in every kept row
-        for layer in _check_cache_layers(batch.cache):
-            layer.keys = layer.keys[idx, :, start:]
-            layer.values = layer.values[idx, :, start:]
-        batch.mask = mask[:, start:]
-        batch.positions = batch.positions[idx]
-        batch.next_token = batch.next_token[idx]
-        batch.rows = [batch.rows[i] for i in keep]
 
     def _fail_all(self, err: BaseException) -> None:
         batch, self._batch = self._batch, None

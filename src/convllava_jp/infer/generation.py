@@ -2,16 +2,13 @@
 
 `VLMPipeline.generate` takes many requests and runs them in batches through transformers'
 `generate`; `chat` is the one-image, one-question convenience; `stream` yields text pieces as they
-are decoded. `IncrementalDecoder` turns token ids into text pieces whose concatenation is exactly
-the text `generate` returns (stop strings cut, incomplete UTF-8 held back); the server's
-continuous batcher (`batching.py`) uses it too, so streamed and non-streamed answers agree.
+are decoded (through `decoding.IncrementalDecoder`, as the server's batcher does).
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import re
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -20,14 +17,15 @@ from typing import Any
 
 import torch
 
-from ..data.processor import EncodedConversation, pad_sequences
-from ..data.templates import IMAGE_TOKEN
+from ..data.collate import pad_sequences
+from ..data.constants import IMAGE_TOKEN
 from ..errors import ConfigError
+from ..model.processing import EncodedConversation
+from .decoding import IncrementalDecoder, byte_fallback_ids, cut_at_stop
 
 log = logging.getLogger(__name__)
 
 History = Sequence[tuple[str, str]]
-_BYTE_TOKEN = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
 @dataclass
@@ -101,79 +99,6 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
 
 
-def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
-    """Text up to the first stop string; (text, whether one was found)."""
-    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def byte_fallback_ids(tokenizer) -> frozenset[int]:
-    """Ids of byte-fallback tokens (`<0xE3>`): their text is incomplete until the bytes form a character."""
-    return frozenset(i for t, i in tokenizer.get_vocab().items() if _BYTE_TOKEN.match(t))
-
-
-class IncrementalDecoder:
-    """Token ids in, text pieces out; the pieces concatenate to `text` at the end.
-
-    Decodes the whole answer at every token (cheap next to a model step) and emits only the part
-    that can no longer change: text made of a trailing run of byte-fallback tokens, or ending in
-    U+FFFD, may still become a different character, and a tail that could begin a stop string may
-    still be cut. `stopped` turns true when a stop string appears; `finish()` flushes the rest.
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str] = (), byte_ids: frozenset[int] | None = None):
-        self.tokenizer = tokenizer
-        self.stop = [s for s in stop if s]
-        self.byte_ids = byte_fallback_ids(tokenizer) if byte_ids is None else byte_ids
-        self.special_ids = frozenset(tokenizer.all_special_ids)
-        self.ids: list[int] = []
-        self.emitted = ""
-        self.stopped = False
-        self.text = ""
-        self._in_byte_run = False  # last visible token is a byte token (special ones are skipped)
-
-    def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> str:
-        """Feed one generated id (not EOS); returns the new text piece, maybe ''."""
-        token_id = int(token_id)
-        self.ids.append(token_id)
-        if token_id not in self.special_ids:
-            self._in_byte_run = token_id in self.byte_ids
-        text, found = cut_at_stop(self._decode(), self.stop)
-        if found:
-            self.stopped = True
-            return self._advance(text)
-        if self._in_byte_run:
-            # A byte run decodes as one group: one bad byte later turns all of it into U+FFFD.
-            return ""
-        safe = text.rstrip("\ufffd")
-        for k in range(min(len(safe), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
-            if any(s.startswith(safe[-k:]) for s in self.stop):
-                safe = safe[:-k]
-                break
-        return self._advance(safe)
-
-    def _advance(self, text: str) -> str:
-        if len(text) > len(self.emitted) and text.startswith(self.emitted):
-            piece = text[len(self.emitted) :]
-            self.emitted = text
-            return piece
-        return ""
-
-    def finish(self) -> str:
-        """The last piece; afterwards `text` is the whole answer (stop string cut)."""
-        self.text = cut_at_stop(self._decode(), self.stop)[0]
-        if not self.text.startswith(self.emitted):
-            # Only a tokenizer whose decoding of a prefix is not a prefix of the whole gets here.
-            log.warning("streamed text %r is not a prefix of the final answer %r", self.emitted, self.text)
-            return ""
-        piece = self.text[len(self.emitted) :]
-        self.emitted = self.text
-        return piece
-
-
 def resolve_device(device: str | torch.device | None) -> torch.device:
     """'auto' (or None) -> cuda if available, else mps, else cpu; anything else as given."""
     if device in (None, "auto"):
@@ -228,7 +153,7 @@ class VLMPipeline:
             dtype: "float32", "bfloat16", "float16" (or a torch dtype); None keeps the saved one.
             template: chat template the prompts are rendered with (`llm-jp-v1` for chat models).
         """
-        from ..model.weights import load_model_dir
+        from ..model.model_dir import load_model_dir
 
         model, processor = load_model_dir(model_dir, device=resolve_device(device), dtype=dtype)
         log.info("loaded %s on %s (%s)", model_dir, model.device, model.dtype)
@@ -298,7 +223,13 @@ class VLMPipeline:
     def _hf_kwargs(self, config: GenerationConfig) -> dict:
         tok = self.tokenizer
         kwargs = config.to_hf()
-        kwargs.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+        # The model's generation config carries `suppress_tokens` (the image placeholder is never
+        # generated); the request's settings override the rest of it.
+        kwargs.update(
+            generation_config=self.model.generation_config,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
         if config.stop:
             # Ends a row as soon as its text contains a stop string; the text is cut afterwards.
             kwargs.update(stop_strings=list(config.stop), tokenizer=tok)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from ..errors import ConvLlavaError
 from .batching import ContinuousBatcher
@@ -132,3 +132,12 @@ def launch_webui(
     demo = build_webui(batcher, default_max_new_tokens, request_timeout_s)
     app = gr.mount_gradio_app(app, demo, path="/", footer_links=["api"], run_history=False, ssr_mode=False)
     run_app(app, host, port)
+
+
+def serve_webui(load_batcher: Callable[[], ContinuousBatcher], host: str, port: int, **options) -> None:
+    """`convllava-jp webui`: check gradio and the port first, then load the model and launch."""
+    from .server import bind_socket
+
+    require_gradio()
+    bind_socket(host, port).close()
+    launch_webui(load_batcher(), host=host, port=port, **options)

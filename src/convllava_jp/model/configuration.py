@@ -10,6 +10,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from ..data.images import image_token_count
+
 PROJECTOR_TYPES_HELP = "linear, mlp2x_gelu, mlp3x_gelu, ... (mlpNx_gelu)"
 
 
@@ -58,6 +60,9 @@ class ConvLlavaConfig(PreTrainedConfig):
         return self.vision_config.hidden_sizes[-1]
 
     def image_tokens(self, height: int, width: int) -> int:
-        """Image tokens for one (height, width) input: (H / stride) * (W / stride)."""
-        s = self.image_stride
-        return (height // s) * (width // s)
+        """Image tokens for one (height, width) input: (H / stride) * (W / stride).
+
+        Raises:
+            ConfigError: a side that is not a positive multiple of `image_stride`.
+        """
+        return image_token_count(height, width, stride=self.image_stride)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from transformers import AutoModelForCausalLM, ConvNextModel, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -49,7 +48,8 @@ class ConvLlavaPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["ConvNextStage", "GPT2Block", "LlamaDecoderLayer", "GPTNeoXLayer"]
+    # `post_init` adds the children's own lists: the vision tower's and whatever the LLM declares.
+    _no_split_modules = []
 
 
 class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixin):
@@ -66,8 +66,12 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
             config.projector_type, config.vision_hidden_size, config.text_config.hidden_size
         )
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        self._vision_checkpointing = False
+        # transformers' activation checkpointing sets these on every module that has the flag;
+        # `encode_images` checkpoints each ConvNeXt stage with them (ConvNextModel has none of its own).
+        self.gradient_checkpointing = False
+        self._gradient_checkpointing_func = None
         self.post_init()
+        self._suppress_image_token()
 
     def _set_stage5_drop_path(self, config: ConvLlavaConfig) -> None:
         rates = config.stage5_drop_path_rates
@@ -99,28 +103,32 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
     def get_decoder(self):
         return self.language_model.get_decoder()
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
-        # ConvNextModel has no checkpointing of its own: checkpoint each ConvNeXt stage here.
-        self._vision_checkpointing = enable
-        if enable:
-            self.language_model.gradient_checkpointing_enable(
-                gradient_checkpointing_kwargs={"use_reentrant": False}
-            )
-        else:
-            self.language_model.gradient_checkpointing_disable()
+    # --- generation --------------------------------------------------------------------------
+    def _suppress_image_token(self, previous: int | None = None) -> None:
+        """Put the placeholder id in `generation_config.suppress_tokens` (replacing `previous`).
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs=None) -> None:
-        self._set_gradient_checkpointing(True)
-        if getattr(self, "_hf_peft_config_loaded", False) or self.training:
-            # frozen input embeddings would leave checkpointed blocks without grad inputs
-            self.enable_input_require_grads()
+        A generated placeholder would demand an image that does not exist, so `generate` never
+        emits it (transformers' `SuppressTokensLogitsProcessor`). The loss is unaffected.
+        """
+        generation_config = getattr(self, "generation_config", None)
+        if generation_config is None:
+            return
+        tokens = [t for t in generation_config.suppress_tokens or [] if t != previous]
+        if self.config.image_token_id not in tokens:
+            tokens.append(self.config.image_token_id)
+        generation_config.suppress_tokens = tokens
 
-    def gradient_checkpointing_disable(self) -> None:
-        self._set_gradient_checkpointing(False)
+    def set_image_token_id(self, image_token_id: int) -> None:
+        """Change the placeholder id in the config and in the generation config together."""
+        previous, self.config.image_token_id = self.config.image_token_id, image_token_id
+        self._suppress_image_token(previous)
 
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return self._vision_checkpointing
+    def adjust_generation_fn(self, *args, **kwargs):
+        # `from_pretrained` reads generation_config.json here (dirs written before the placeholder
+        # was suppressed this way lack it): suppress it again after loading.
+        result = super().adjust_generation_fn(*args, **kwargs)
+        self._suppress_image_token()
+        return result
 
     # --- vision ------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -128,8 +136,8 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
         vt = self.vision_tower
         hidden = vt.embeddings(pixel_values.to(dtype=vt.embeddings.patch_embeddings.weight.dtype))
         for stage in vt.encoder.stages:
-            if self._vision_checkpointing and self.training and torch.is_grad_enabled():
-                hidden = checkpoint(stage, hidden, use_reentrant=False)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = self._gradient_checkpointing_func(stage.__call__, hidden)
             else:
                 hidden = stage(hidden)
         return hidden.flatten(2).transpose(1, 2)
@@ -217,22 +225,24 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
             logits_to_keep=logits_to_keep,
             **kwargs,
         )
-        image_id = self.config.image_token_id
-        if not self.training and 0 <= image_id < outputs.logits.shape[-1]:
-            # The placeholder is never a valid next token: a generated one would demand an image
-            # that does not exist. (Training labels never contain it, so the loss is unchanged.)
-            outputs.logits[..., image_id] = torch.finfo(outputs.logits.dtype).min
         return outputs
 
 
-def parameter_counts(model: ConvLlavaForConditionalGeneration) -> dict[str, int]:
-    """Parameters per part: vision_trunk (stages 1..trunk_stages), stage5 (added stages), projector, llm."""
+def parameter_counts(
+    model: ConvLlavaForConditionalGeneration, trainable_only: bool = False
+) -> dict[str, int]:
+    """Parameters per part: vision_trunk (stages 1..trunk_stages), stage5 (added stages), projector,
+    llm, and their total; `trainable_only` counts only parameters with `requires_grad`."""
+
+    def numel(params) -> int:
+        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
     trunk_stages = model.config.trunk_stages
     counts = {"vision_trunk": 0, "stage5": 0, "projector": 0, "llm": 0}
     for name, p in model.vision_tower.named_parameters():
         added = name.startswith("encoder.stages.") and int(name.split(".")[2]) >= trunk_stages
-        counts["stage5" if added else "vision_trunk"] += p.numel()
-    counts["projector"] = sum(p.numel() for p in model.projector.parameters())
-    counts["llm"] = sum(p.numel() for p in model.language_model.parameters())
+        counts["stage5" if added else "vision_trunk"] += numel([p])
+    counts["projector"] = numel(model.projector.parameters())
+    counts["llm"] = numel(model.language_model.parameters())
     counts["total"] = sum(counts.values())
     return counts

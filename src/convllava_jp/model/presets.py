@@ -6,7 +6,7 @@ pretrained trunk (stages 1-4, as in timm's ConvNeXt of the same name) plus the a
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from transformers import AutoConfig, ConvNextConfig
 
@@ -53,34 +53,29 @@ class ModelPreset:
     vision: str | None = None  # open_clip / timm id of the pretrained trunk
 
 
+_ARTICLE_768 = ModelPreset(
+    name="convllava-jp-1.3b-768",
+    description="The article's model: ConvNeXt-Large (CLIP) + stage 5, llm-jp-1.3b-v1.0, 768 px",
+    trunk="convnext_large",
+    trunk_depths=CONVNEXT_TRUNKS["convnext_large"]["depths"],
+    trunk_widths=CONVNEXT_TRUNKS["convnext_large"]["hidden_sizes"],
+    stage5_depth=6,
+    stage5_width=3072,
+    text=LLM_JP_13B_V1,
+    image_size=768,
+    llm="llm-jp/llm-jp-1.3b-v1.0",
+    vision="hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft",
+)
+
 PRESETS: dict[str, ModelPreset] = {
     p.name: p
     for p in [
-        ModelPreset(
-            name="convllava-jp-1.3b-768",
-            description="The article's model: ConvNeXt-Large (CLIP) + stage 5, llm-jp-1.3b-v1.0, 768 px",
-            trunk="convnext_large",
-            trunk_depths=CONVNEXT_TRUNKS["convnext_large"]["depths"],
-            trunk_widths=CONVNEXT_TRUNKS["convnext_large"]["hidden_sizes"],
-            stage5_depth=6,
-            stage5_width=3072,
-            text=LLM_JP_13B_V1,
-            image_size=768,
-            llm="llm-jp/llm-jp-1.3b-v1.0",
-            vision="hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft",
-        ),
-        ModelPreset(
+        _ARTICLE_768,
+        replace(
+            _ARTICLE_768,
             name="convllava-jp-1.3b-1280",
             description="As convllava-jp-1.3b-768 at 1280 px (400 image tokens)",
-            trunk="convnext_large",
-            trunk_depths=CONVNEXT_TRUNKS["convnext_large"]["depths"],
-            trunk_widths=CONVNEXT_TRUNKS["convnext_large"]["hidden_sizes"],
-            stage5_depth=6,
-            stage5_width=3072,
-            text=LLM_JP_13B_V1,
             image_size=1280,
-            llm="llm-jp/llm-jp-1.3b-v1.0",
-            vision="hf-hub:laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft",
         ),
         ModelPreset(
             name="small",
@@ -116,10 +111,8 @@ PRESETS: dict[str, ModelPreset] = {
                 "n_layer": 2,
                 "n_head": 4,
                 "n_positions": 512,
-                # GPT-2's 0.02 suits widths of 768+; at width 128 it leaves token embeddings at a
-                # tenth of the image tokens' norm, and in 6 of 7 demo runs the LLM then at times
-                # did not restate the question's words (colour_at_position 20-80%). With 0.08
-                # (about 1/sqrt(width)): 98-100% in all 22 runs since (docs/training.md).
+                # About 1/sqrt(width): GPT-2's 0.02 suits widths of 768+ but leaves this LLM's token
+                # embeddings far below the image tokens' norm (measurements in docs/training.md).
                 "initializer_range": 0.08,
                 "vocab_size": 1024,
                 "tie_word_embeddings": False,

@@ -159,7 +159,7 @@ def merge_lora(model, spec: LoraSpec, init_dir: str | os.PathLike | None = None)
         return model
     from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-    from ..model.weights import load_model_dir
+    from ..model.model_dir import load_model_dir
 
     if init_dir is None:
         raise ConfigError("merging QLoRA adapters needs the stage's starting model directory")

@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..data.records import DataSource
 from ..errors import ConfigError
 
 TRAINABLE_NAMES = ("stage5", "vision", "projector", "llm")
@@ -30,16 +31,6 @@ LR_PARTS = ("vision", "projector", "llm")
 OPTIMIZERS = ("adamw", "adamw_8bit")
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 LORA_BITS = (None, 4)
-
-
-@dataclass
-class DataSpec:
-    path: str
-    image_root: str | None = None
-    text_field: str = "value"
-    max_samples: int | None = None
-    repeat: int = 1
-    split: str = "train"
 
 
 @dataclass
@@ -79,7 +70,7 @@ class StageConfig:
     """Everything one training stage needs; the recipe's `defaults` fill what a stage leaves out."""
 
     name: str
-    data: list[DataSpec]
+    data: list[DataSource]
     template: str = "llm-jp-v1"
     trainable: list[Any] = field(default_factory=lambda: ["projector"])
     lr: float = 2e-5
@@ -107,7 +98,7 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
-        self.data = [d if isinstance(d, DataSpec) else DataSpec(**d) for d in self.data]
+        self.data = [d if isinstance(d, DataSource) else DataSource(**d) for d in self.data]
         if not self.data:
             raise ConfigError(f"stage {self.name}: `data` lists no dataset")
         if isinstance(self.lora, dict):

@@ -9,7 +9,6 @@ dataset is cheap and happens before any model is loaded, so a wrong path fails i
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -18,12 +17,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from ...data.constants import IMAGE_TOKEN
+from ...data.records import (
+    RecordFileError,
+    is_saved_dataset,
+    iter_json_array_spans,
+    iter_jsonl_spans,
+    load_parquet,
+    load_repo,
+    load_saved,
+    undecoded_images,
+)
 from ...errors import DataError
 from ..metrics import get_metric
 
 log = logging.getLogger(__name__)
 
-IMAGE_TAG = "<image>"  # same tag as data.templates.IMAGE_TOKEN (not imported: keeps this module light)
+IMAGE_TAG = IMAGE_TOKEN
 
 __all__ = ["IMAGE_TAG", "RowSource", "Sample", "Task", "image_source", "open_rows"]
 
@@ -103,16 +113,6 @@ def required_image(value: Any, base_dir: Path | None, where: str, column: str = 
 # --- opening a dataset --------------------------------------------------------------------------
 
 
-def _undecoded_images(ds: Any) -> Any:
-    """Cast `Image` columns to `decode=False`: rows then hold encoded bytes, decoded per batch later."""
-    from datasets import Image
-
-    for name, feature in ds.features.items():
-        if isinstance(feature, Image) and feature.decode:
-            ds = ds.cast_column(name, Image(decode=False))
-    return ds
-
-
 def _pick_split(dd: Any, split: str, origin: str) -> Any:
     if split in dd:
         return dd[split]
@@ -125,27 +125,23 @@ def _pick_split(dd: Any, split: str, origin: str) -> Any:
 
 def _read_json_rows(path: Path) -> list[dict]:
     """Rows of a `.json` file (a list of objects) or a `.jsonl` file (one object a line)."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-        return rows
+    jsonl = path.suffix == ".jsonl"
+    not_rows = f"{path}: expected a JSON list of objects (one per row) or a .jsonl file"
+    rows = []
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError(f"{path}: expected a JSON list of objects (one per row) or a .jsonl file")
-    return data
+        for _, _, lineno, row in (iter_jsonl_spans if jsonl else iter_json_array_spans)(path):
+            if not isinstance(row, dict):
+                if jsonl:
+                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
+                raise DataError(not_rows)
+            rows.append(row)
+    except RecordFileError as err:  # reworded in this module's `path:line` style
+        if err.kind == "json":
+            raise DataError(f"{path}:{err.line}: not valid JSON ({err.json_msg})") from None
+        if err.kind == "structure":
+            raise DataError(not_rows) from None
+        raise
+    return rows
 
 
 def _columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
@@ -168,14 +164,14 @@ def open_rows(data: str | os.PathLike | None, hub_id: str | None, split: str) ->
         if hub_id is None:
             raise DataError("this task has no hub copy; give its local path with --data TASK=PATH")
         try:
-            ds = datasets.load_dataset(hub_id, split=split)
+            ds = load_repo(hub_id, split)
         except Exception as err:  # offline, gated, renamed...: say what to do instead
             raise DataError(
                 f"could not load {hub_id} (split {split!r}) from the Hugging Face hub: "
                 f"{type(err).__name__}: {err}. Without internet, download it elsewhere "
                 f"(datasets' save_to_disk, or the repo's parquet files) and pass --data TASK=PATH."
             ) from None
-        ds = _undecoded_images(ds)
+        ds = undecoded_images(ds)
         return RowSource(ds, list(ds.column_names), f"{hub_id} [{split}]")
 
     path = Path(data).expanduser()
@@ -183,12 +179,12 @@ def open_rows(data: str | os.PathLike | None, hub_id: str | None, split: str) ->
         raise DataError(f"dataset path {path} does not exist")
     origin = str(path)
     if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            loaded = datasets.load_from_disk(str(path))
+        if is_saved_dataset(path):
+            loaded = load_saved(path)
             ds = _pick_split(loaded, split, origin) if isinstance(loaded, datasets.DatasetDict) else loaded
         elif any(path.rglob("*.parquet")):
             try:
-                ds = datasets.load_dataset(str(path), split=split)
+                ds = load_repo(str(path), split)
             except ValueError as err:
                 raise DataError(f"{path}: no {split!r} split among its parquet files ({err})") from None
         else:
@@ -196,11 +192,11 @@ def open_rows(data: str | os.PathLike | None, hub_id: str | None, split: str) ->
                 f"{path} is neither a save_to_disk dir (dataset_dict.json / state.json) nor a folder "
                 f"of parquet files; give one of those, a .parquet file or a .json/.jsonl file"
             )
-        ds = _undecoded_images(ds)
+        ds = undecoded_images(ds)
         return RowSource(ds, list(ds.column_names), f"{origin} [{split}]", base_dir=path)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        ds = _undecoded_images(datasets.load_dataset("parquet", data_files=str(path), split="train"))
+        ds = undecoded_images(load_parquet(path))
         return RowSource(ds, list(ds.column_names), origin, base_dir=path.parent)
     if suffix in (".json", ".jsonl"):
         rows = _read_json_rows(path)

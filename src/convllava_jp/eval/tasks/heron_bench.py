@@ -37,6 +37,14 @@ def judge_key(judge: Any, sample: Sample, answer: str) -> str:
     return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+_VERDICT_KEYS = ("score", "score_gpt", "error", "judge_model", "judge_model_version", "attempts", "raw")
+
+
+def _ids(sample: Sample) -> dict[str, Any]:
+    """The first fields of a sample's evaluation record."""
+    return {"question_id": sample.id, "category": sample.fields["category"]}
+
+
 @register_task
 class JapaneseHeronBench(Task):
     name = "heron-bench"
@@ -94,16 +102,7 @@ class JapaneseHeronBench(Task):
         """
         if judge is None:
             log.warning("heron-bench: no --judge-url, so the answers are saved but not scored")
-            return [
-                {
-                    "question_id": s.id,
-                    "category": s.fields["category"],
-                    "score": None,
-                    "score_gpt": None,
-                    "error": NOT_JUDGED,
-                }
-                for s in samples
-            ]
+            return [{**_ids(s), "score": None, "score_gpt": None, "error": NOT_JUDGED} for s in samples]
         from ..judge import judge_many
 
         previous = previous or {}
@@ -129,18 +128,7 @@ class JapaneseHeronBench(Task):
         ]
         verdicts = judge_many(judge, items, show_progress=show_progress) if items else []
         for (s, key), verdict in zip(todo, verdicts):
-            records[s.id] = {
-                "question_id": s.id,
-                "category": s.fields["category"],
-                "score": verdict["score"],
-                "score_gpt": verdict["score_gpt"],
-                "error": verdict["error"],
-                "judge_model": verdict["judge_model"],
-                "judge_model_version": verdict["judge_model_version"],
-                "attempts": verdict["attempts"],
-                "raw": verdict["raw"],
-                "judge_key": key,
-            }
+            records[s.id] = {**_ids(s), **{k: verdict[k] for k in _VERDICT_KEYS}, "judge_key": key}
         failed = sum(1 for r in records.values() if r["error"] is not None)
         if failed:
             log.warning(

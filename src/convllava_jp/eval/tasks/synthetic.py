@@ -1,4 +1,4 @@
-"""The synthetic world's held-out split (DESIGN section 4): exact match per question type.
+"""The synthetic world's held-out split (the built-in demo's task): exact match per question type.
 
 `--data synthetic=DIR` takes a world written by `convllava-jp synth` / `demo` (its `test.json`),
 or the `test.json` itself. Each record has one question (`conversations[0]`), the answer, its

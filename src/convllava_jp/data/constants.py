@@ -1,0 +1,10 @@
+"""Token conventions shared by the data pipeline and the model's processor.
+
+They live here, below `model/`, so that `data/` builds samples without importing the model.
+"""
+
+from __future__ import annotations
+
+IMAGE_TOKEN = "<image>"  # the tag in text; the processor expands each into the image's placeholder ids
+IGNORE_INDEX = -100  # label of a position the loss skips (as torch's cross_entropy ignore_index)
+TEMPLATE_NAMES: tuple[str, ...] = ("plain", "llm-jp-v1")  # the chat templates `model.templates` defines

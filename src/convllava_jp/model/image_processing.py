@@ -1,0 +1,139 @@
+"""`ConvLlavaImageProcessor`: images -> pixel values for the vision tower, as a transformers image processor.
+
+It loads and preprocesses with `data.images` and saves / loads as ``preprocessor_config.json``
+(``"image_processor_type": "ConvLlavaImageProcessor"``), so `AutoImageProcessor` finds it by name.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, TypedDict
+
+import torch
+from transformers.image_processing_base import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+from ..data.collate import stack_images
+from ..data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_STRIDE,
+    ImageSize,
+    ImageSource,
+    check_mean_std,
+    check_positive_int,
+    check_preprocess_options,
+    image_token_count,
+    load_image,
+    preprocess,
+    preprocessed_size,
+)
+from ..errors import ConfigError, ImageError
+
+logger = logging.getLogger(__name__)
+
+
+class ConvLlavaImageProcessorKwargs(TypedDict, total=False):
+    """Options `ConvLlavaImageProcessor.from_pretrained(path, **kwargs)` may override."""
+
+    image_size: int | list[int]
+    mode: str
+    stride: int
+    image_mean: list[float]
+    image_std: list[float]
+    max_pixels: int
+
+
+class ConvLlavaImageProcessor(BaseImageProcessor):
+    """Loads and preprocesses images for ConvLLaVA; saved as ``preprocessor_config.json``.
+
+    Args:
+        image_size: int (square) or ``[H, W]``; the long side for ``keep-aspect``. Must be a
+            multiple of ``stride`` so every pixel maps to an image token.
+        mode: ``"crop"`` (open_clip's eval transform), ``"pad"`` (LLaVA's expand-to-square) or
+            ``"keep-aspect"``.
+        stride: pixels per image token side (64 with stage 5, 32 without).
+        image_mean, image_std: normalisation, CLIP's by default.
+        max_pixels: images with more pixels are refused (see `load_image`).
+    """
+
+    model_input_names = ["pixel_values", "image_sizes"]
+    valid_kwargs = ConvLlavaImageProcessorKwargs  # read by ImageProcessingMixin.from_dict
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 768,
+        mode: str = "crop",
+        stride: int = DEFAULT_STRIDE,
+        image_mean: Sequence[float] = CLIP_MEAN,
+        image_std: Sequence[float] = CLIP_STD,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs: Any,
+    ) -> None:
+        unknown = set(kwargs) - {"image_processor_type", "auto_map", "processor_class"}
+        if unknown:
+            logger.warning("ConvLlavaImageProcessor: ignoring unknown options %s", sorted(unknown))
+        kwargs.pop("image_processor_type", None)  # to_dict writes it back
+        super().__init__(**{key: value for key, value in kwargs.items() if key not in unknown})
+
+        size: ImageSize = list(image_size) if isinstance(image_size, (tuple, list)) else image_size
+        target_h, target_w = check_preprocess_options(size, mode, stride)
+        if target_h % stride or target_w % stride:
+            raise ConfigError(
+                f"image_size {size!r} must be a multiple of the stride {stride} so that every "
+                f"pixel maps to an image token (e.g. {stride * 12})"
+            )
+        mean, std = check_mean_std(image_mean, image_std)
+        check_positive_int("max_pixels", max_pixels)
+        # Plain lists and ints only: to_dict() deep-copies __dict__ straight into the JSON file.
+        self.image_size: int | list[int] = size
+        self.mode = mode
+        self.stride = stride
+        self.image_mean = list(mean)
+        self.image_std = list(std)
+        self.max_pixels = max_pixels
+
+    def __call__(
+        self, images: ImageSource | Sequence[ImageSource], return_tensors: str | None = "pt"
+    ) -> BatchFeature:
+        """Load and preprocess one image or a list of them.
+
+        Args:
+            images: one image or a list; each anything `load_image` accepts.
+            return_tensors: only ``"pt"`` (PyTorch) is supported.
+
+        Returns:
+            BatchFeature with ``pixel_values``: a ``(B, 3, H, W)`` float32 tensor when all images
+            come out the same size (always in ``crop`` / ``pad``), else a list of ``(3, H_i, W_i)``
+            tensors; and ``image_sizes``: ``(B, 2)`` int64, each image's preprocessed ``(H, W)``
+            (what `image_token_count` takes).
+
+        Raises:
+            ImageError: an image cannot be used (names the file).
+            ConfigError: an unsupported ``return_tensors``.
+        """
+        if return_tensors not in ("pt", None):
+            raise ConfigError(f"return_tensors={return_tensors!r} is not supported; use 'pt'")
+        batch = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not batch:
+            raise ImageError("no images given to ConvLlavaImageProcessor")
+
+        pixel_values = []
+        for index, source in enumerate(batch):
+            name = f"<bytes: image {index}>" if isinstance(source, (bytes, bytearray)) else None
+            image = load_image(source, max_pixels=self.max_pixels, name=name)
+            pixel_values.append(
+                preprocess(image, self.image_size, self.mode, self.stride, self.image_mean, self.image_std)
+            )
+        image_sizes = torch.tensor([list(values.shape[-2:]) for values in pixel_values], dtype=torch.long)
+        return BatchFeature({"pixel_values": stack_images(pixel_values), "image_sizes": image_sizes})
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H, W)`` of the pixel values this processor makes from a ``height x width`` image."""
+        return preprocessed_size(height, width, self.image_size, self.mode, self.stride)
+
+    def num_image_tokens(self, height: int, width: int) -> int:
+        """Image tokens the model makes for a ``height x width`` input image (before preprocessing)."""
+        return image_token_count(*self.output_size(height, width), stride=self.stride)
