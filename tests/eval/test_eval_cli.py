@@ -109,9 +109,23 @@ def test_all_five_tasks_end_to_end_then_rescore(tmp_path, tiny_world, tiny_model
         assert [p["n_images"] for p in lines(out / "jdocqa" / "tiny" / "prediction.jsonl")] == [1, 2, 4, 3]
 
         # The judge was asked over HTTP with the key from the environment and the context.
-        assert len(bodies) == 5 and all(
+        heron_bodies = [b for b in bodies if "gpt4o_answer" in b["messages"][-1]["content"]]
+        assert len(heron_bodies) == 5 and all(
             b["_headers"]["Authorization"] == "Bearer sk-test-123" for b in bodies
         )
+        # VG-VQA and JVB-ItW are also judged (eval-mm's llm-as-a-judge), non-empty answers only.
+        answered = sum(
+            1
+            for task in ("ja-vg-vqa-500", "ja-vlm-bench-in-the-wild")
+            for p in lines(out / task / "tiny" / "prediction.jsonl")
+            if p["text"] != ""
+        )
+        assert len(bodies) - len(heron_bodies) == answered
+        vg = summaries["ja-vg-vqa-500"]["metrics"]
+        assert vg["llm_as_a_judge"] == pytest.approx(
+            8.0 * sum(p["text"] != "" for p in lines(out / "ja-vg-vqa-500" / "tiny" / "prediction.jsonl")) / 4
+        )
+        assert summaries["ja-vg-vqa-500"]["settings"]["judge"]["metric"] == "llm-as-a-judge"
         assert any("浅草寺の雷門の写真" in b["messages"][-1]["content"] for b in bodies)
         heron = summaries["heron-bench"]["metrics"]
         assert heron["overall"] == pytest.approx(50.0) and heron["judge_failures"] == 1
@@ -206,3 +220,14 @@ def test_unknown_task_and_bad_flags_are_user_errors(capsys):
     with pytest.raises(SystemExit):
         in_process("--model", "m", "--data", "no-equals-sign")
     assert "--data takes TASK=PATH" in capsys.readouterr().err
+
+
+def test_list_tasks_prints_each_task_metric_and_layout(capsys):
+    from convllava_jp.eval.tasks import task_names
+
+    assert in_process("--list-tasks") == 0
+    out = capsys.readouterr().out
+    for name in task_names():
+        assert f"\n{name}\n  metric: " in f"\n{out}", name
+    assert "wulipc/CC-OCR [test, config multi_lan_ocr]" in out and "llm-as-a-judge (with --judge-url)" in out
+    assert out.count("  layout: ") == len(task_names())

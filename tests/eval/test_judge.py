@@ -243,7 +243,12 @@ def test_prompt_and_config():
     assert JudgeConfig("http://h:1", "m").endpoint == "http://h:1/v1/chat/completions"
     assert JudgeConfig("http://h:1/v1", "m").endpoint == "http://h:1/v1/chat/completions"
     assert JudgeConfig("https://h/v1/chat/completions", "m").endpoint == "https://h/v1/chat/completions"
-    assert JudgeConfig("http://h:1", "m", api_key="k").headers()["Authorization"] == "Bearer k"
+    assert JudgeConfig("https://h:1", "m", api_key="k").headers()["Authorization"] == "Bearer k"
+    assert JudgeConfig("http://127.0.0.1:1", "m", api_key="k").headers()["Authorization"] == "Bearer k"
+    assert JudgeConfig("http://[::1]:1", "m", api_key="k").headers()["Authorization"] == "Bearer k"
+    for url in ("http://h:1", "http://10.0.0.5:8000", "http://127.0.0.1.evil.example"):
+        with pytest.raises(ConfigError, match="plain http"):
+            JudgeConfig(url, "m", api_key="k").headers()
     with pytest.raises(ConfigError, match="http"):
         JudgeConfig("h:1", "m")
     with pytest.raises(ConfigError, match="max_retries"):

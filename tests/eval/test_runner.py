@@ -22,6 +22,7 @@ import pytest
 from convllava_jp.demo.evaluate import evaluate_synthetic
 from convllava_jp.errors import ConfigError, DataError, ImageError
 from convllava_jp.eval.judge import JudgeConfig
+from convllava_jp.eval.published import EVALMM_SOURCE, PUBLISHED_ROWS
 from convllava_jp.eval.report import ARTICLE_SOURCE, summary_tables, write_summary
 from convllava_jp.eval.runner import (
     EvalModel,
@@ -227,6 +228,29 @@ def test_cache_is_reused_and_invalidated_by_model_prompt_and_decoding(world_copy
     run_synthetic(world_copy, changed, out, lambda: p, max_new_tokens=4, use_cache=False)
     assert len(p.prompts) == n
 
+    p = ScriptedPipeline()
+    run_synthetic(world_copy, changed, out, lambda: p, max_new_tokens=4, template="plain")  # template
+    assert len(p.prompts) == n
+
+
+def test_cache_misses_when_an_images_bytes_change(world_copy, tiny_model_dir, tmp_path):
+    out = tmp_path / "res"
+    records = json.loads((world_copy / "test.json").read_text(encoding="utf-8"))
+    image = tmp_path / "edited.png"
+    shutil.copy(records[5]["image"], image)
+    records[5]["image"] = str(image)  # same path from now on; only its bytes will change
+    (world_copy / "test.json").write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    run_synthetic(world_copy, tiny_model_dir, out, lambda: ScriptedPipeline())
+    from PIL import Image
+
+    with Image.open(image) as im:
+        edited = im.convert("RGB")
+    edited.putpixel((0, 0), tuple(255 - c for c in edited.getpixel((0, 0))))
+    edited.save(image)
+    p = ScriptedPipeline()
+    summary = run_synthetic(world_copy, tiny_model_dir, out, lambda: p)
+    assert len(p.prompts) == 1 and summary["counts"]["generated"] == 1
+
 
 def test_resume_after_an_interrupted_write(world_copy, tiny_model_dir, tmp_path):
     run_synthetic(world_copy, tiny_model_dir, tmp_path, lambda: ScriptedPipeline())
@@ -395,8 +419,15 @@ def test_summary_table_puts_the_article_rows_beside_ours(tmp_path):
     assert "DESIGN" not in md  # no reference to documents outside the repository
 
     rows = list(csv.reader(io.StringIO(csv_path.read_text(encoding="utf-8"))))
-    assert rows[0][:2] == ["model", "source"] and len(rows) == 1 + 2 + 5
-    assert {r[1] for r in rows[1:]} == {"this run", ARTICLE_SOURCE}
+    assert rows[0][:2] == ["model", "source"] and len(rows) == 1 + 2 + len(PUBLISHED_ROWS)
+    assert {r[1] for r in rows[1:]} == {"this run", ARTICLE_SOURCE, EVALMM_SOURCE}
+    # eval-mm's leaderboard row: its cells where it publishes the same metric, empty elsewhere.
+    nvila = dict(zip(rows[0], next(r for r in rows if r[0] == "turing-motors/Heron-NVILA-Lite-2B")))
+    assert nvila["VG-VQA LLM (1-5)"] == "3.81" and nvila["Heron overall_rel"] == "63.22"
+    assert nvila["JA-VG-VQA-500 ROUGE-L"] == "" and nvila["Heron avg"] == ""
+    assert "max_new_tokens 256" in nvila["settings"] and "gpt-4o-2024-11-20" in nvila["settings"]
+    stable = dict(zip(rows[0], next(r for r in rows if r[0] == "Japanese Stable VLM")))
+    assert stable["JA-VG-VQA-500 ROUGE-L"] == "" and stable["Heron avg"] == "38.07"  # '-' in the article
     assert "ConvLLaVA-JP" not in summary_tables(summaries, include_article=False).markdown
 
 

@@ -25,6 +25,7 @@ from .metrics import (
 
 _LAZY = {
     "JudgeConfig": "judge",
+    "JudgeRun": "judge",
     "EvalSettings": "runner",
     "EvalModel": "runner",
     "run_eval": "runner",
@@ -35,6 +36,7 @@ _LAZY = {
     "get_task": "tasks",
     "register_task": "tasks",
     "task_names": "tasks",
+    "task_table": "tasks",
     "summary_tables": "report",
     "write_summary": "report",
     "collect_summaries": "report",

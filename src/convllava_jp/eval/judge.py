@@ -1,169 +1,45 @@
-"""LLM-as-judge for Heron-Bench over any OpenAI-compatible `/v1/chat/completions` endpoint.
+"""LLM-as-judge over any OpenAI-compatible `/v1/chat/completions` endpoint, durable and resumable.
 
-httpx instead of the openai package: one POST with retries is all we need, and it keeps the
-judge usable against vLLM / llama.cpp / our own server without another dependency.
+`ask_judge` (judge_client.py) asks one question (retries with backoff and jitter, honouring a server's
+`Retry-After`); `JudgeRun` asks many, appending every verdict (the full prompt, the reply, the
+parsed value or the error) to a JSONL log the moment it arrives, so a kill or Ctrl-C loses no
+verdict already paid for and a rerun asks only what is missing or failed.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 from tqdm.auto import tqdm
 
-from convllava_jp.errors import ConfigError, DataError
-from convllava_jp.eval.metrics import parse_judge_response
+from ..errors import ConfigError, DataError
+from ..io import JsonlAppender, read_jsonl
+from .judge_client import JudgeConfig, ask_judge
+from .judge_prompts import build_judge_messages, build_judge_prompt, heron_parse, prompt_sha
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "JUDGE_SYSTEM_PROMPT",
     "JudgeConfig",
+    "JudgeJob",
+    "JudgeRun",
+    "ask_judge",
     "build_judge_messages",
     "build_judge_prompt",
     "judge_many",
     "judge_one",
 ]
 
-JUDGE_SYSTEM_PROMPT = "You are a careful and impartial assistant who checks the quality of answers."
-
-_JUDGE_INSTRUCTION = """\
-You are an expert evaluator of answers to questions about an image. You cannot see the image;
-its content is described in the context below.
-
-You are given:
-- Context: a description of the image.
-- Question: a question about the image.
-- Reference Answer: an answer written by a strong assistant.
-- Model Answer: the answer of the model being evaluated.
-
-Rate each answer on its own, from 1 to 10, by how correct, relevant and complete it is as an
-answer to the question, given the context:
-- 10: Perfect. Correct, relevant, and fully answers the question.
-- 8-9: Very good. Mostly correct; only small inaccuracies or omissions.
-- 6-7: Good. Broadly correct but with noticeable errors or missing details.
-- 4-5: Poor. Significant errors or missing key points, though partly relevant.
-- 1-3: Very poor. Mostly or entirely wrong, irrelevant, or nonsensical.
-The texts are in Japanese; judge the content, not the language. Neither the order nor the
-length of the answers should affect the scores.
-
-Reply with this JSON object and nothing else, where "score_gpt" is the score of the Reference
-Answer and "score" is the score of the Model Answer:
-```json
-{"score_gpt": <integer 1-10>, "score": <integer 1-10>}
-```"""
-
-_RETRYABLE_STATUS = frozenset({408, 409, 429})
-_SNIPPET_CHARS = 500
 _ITEM_KEYS = ("context", "question", "reference", "answer")
 
 
-@dataclass
-class JudgeConfig:
-    """Where and how to ask the judge.
-
-    `url` is a server root (`http://host:8000`), its `/v1`, or the full `/v1/chat/completions`.
-    The API key is `api_key`, else the env var named by `api_key_env`; with neither, no
-    Authorization header is sent (fine for local servers). Up to `max_retries` retries on
-    429/408/409/5xx/connection errors, sleeping `backoff_s * 2**i` before retry i.
-    """
-
-    url: str
-    model: str
-    api_key: str | None = None
-    api_key_env: str = "OPENAI_API_KEY"
-    temperature: float = 0.0
-    max_retries: int = 5
-    backoff_s: float = 1.0
-    timeout_s: float = 60.0
-    max_tokens: int = 1024
-    seed: int | None = 0
-
-    def __post_init__(self) -> None:
-        if not self.url.startswith(("http://", "https://")):
-            raise ConfigError(f"JudgeConfig.url must start with http:// or https://, got {self.url!r}.")
-        if not self.model:
-            raise ConfigError(
-                "JudgeConfig.model is empty; give the judge model name (e.g. gpt-4o-2024-05-13)."
-            )
-        if self.max_retries < 0 or self.backoff_s < 0 or self.timeout_s <= 0:
-            raise ConfigError(
-                f"JudgeConfig needs max_retries >= 0, backoff_s >= 0, timeout_s > 0; got "
-                f"{self.max_retries}, {self.backoff_s}, {self.timeout_s}."
-            )
-
-    @property
-    def endpoint(self) -> str:
-        """The full chat-completions URL."""
-        url = self.url.rstrip("/")
-        if url.endswith("/chat/completions"):
-            return url
-        if url.endswith("/v1"):
-            return url + "/chat/completions"
-        return url + "/v1/chat/completions"
-
-    def headers(self) -> dict[str, str]:
-        """Request headers, with `Authorization` when a key is known."""
-        key = self.api_key or os.environ.get(self.api_key_env)
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        return headers
-
-
-def build_judge_prompt(context: str, question: str, reference: str, answer: str) -> str:
-    """The user message: instructions, then the context, question and both answers."""
-    return (
-        f"{_JUDGE_INSTRUCTION}\n\n"
-        f"[Context]\n{context}\n\n"
-        f"[Question]\n{question}\n\n"
-        f"[Reference Answer]\n{reference}\n[End of Reference Answer]\n\n"
-        f"[Model Answer]\n{answer}\n[End of Model Answer]\n\n"
-        "Output:"
-    )
-
-
-def build_judge_messages(context: str, question: str, reference: str, answer: str) -> list[dict[str, str]]:
-    """Chat messages (system + user) for one Heron-Bench item."""
-    return [
-        {"role": "system", "content": JUDGE_SYSTEM_PROMPT},
-        {"role": "user", "content": build_judge_prompt(context, question, reference, answer)},
-    ]
-
-
-def _read_completion(response: httpx.Response) -> tuple[str | None, str | None]:
-    """(message content, server-reported model) from a chat-completions reply; None where missing."""
-    try:
-        data = response.json()
-    except ValueError:
-        return None, None
-    if not isinstance(data, dict):
-        return None, None
-    version = data.get("model") if isinstance(data.get("model"), str) else None
-    try:
-        content = data["choices"][0]["message"]["content"]
-    except (KeyError, IndexError, TypeError):
-        return None, version
-    return (content if isinstance(content, str) else None), version
-
-
-def _payload(cfg: JudgeConfig, messages: list[dict]) -> dict[str, Any]:
-    """The chat-completions request body for the judge."""
-    payload: dict[str, Any] = {
-        "model": cfg.model,
-        "messages": messages,
-        "temperature": cfg.temperature,
-        "max_tokens": cfg.max_tokens,
-    }
-    if cfg.seed is not None:
-        payload["seed"] = cfg.seed
-    return payload
+# --- Heron-Bench's single-item API (kept for callers of the old module) --------------------------
 
 
 def judge_one(
@@ -175,63 +51,19 @@ def judge_one(
     *,
     client: httpx.Client | None = None,
 ) -> dict[str, Any]:
-    """Ask the judge to score one Heron-Bench item.
+    """Ask the judge to score one Heron-Bench item (eval-mm's prompt).
 
     Returns {"score_gpt", "score", "raw", "error", "judge_model", "judge_model_version",
-    "attempts"}. On success `error` is None and the scores are 1-10. On failure both scores are
-    -1 and `error` says why: "parse" (the judge answered twice without readable scores),
-    "http <status>: ..." or "connection: ...". `raw` is the judge's last reply text, if any.
+    "attempts"}; on failure both scores are -1 and `error` says why.
     """
     if client is None:
-        with httpx.Client(timeout=cfg.timeout_s) as own_client:
-            return judge_one(cfg, context, question, reference, answer, client=own_client)
-
-    payload = _payload(cfg, build_judge_messages(context, question, reference, answer))
-    headers = cfg.headers()
-    result: dict[str, Any] = dict(score_gpt=-1, score=-1, raw=None, error=None)
-    result.update(judge_model=cfg.model, judge_model_version=None, attempts=0)
-    retries = 0
-    parse_failures = 0
-    while True:
-        result["attempts"] += 1
-        try:
-            response = client.post(cfg.endpoint, json=payload, headers=headers, timeout=cfg.timeout_s)
-        except httpx.TransportError as exc:
-            error = f"connection: {type(exc).__name__}: {exc}"
-        else:
-            status = response.status_code
-            if status < 400:
-                content, version = _read_completion(response)
-                result["raw"] = content if content is not None else response.text[:_SNIPPET_CHARS]
-                result["judge_model_version"] = version or result["judge_model_version"]
-                scores = parse_judge_response(content or "")
-                if scores is not None:
-                    result.update(score_gpt=scores.score_gpt, score=scores.score, error=None)
-                    return result
-                parse_failures += 1
-                if parse_failures >= 2:
-                    logger.warning(
-                        "judge reply has no readable scores after a retry: %r", result["raw"][:200]
-                    )
-                    result["error"] = "parse"
-                    return result
-                logger.info("judge reply has no readable scores; asking once more")
-                continue
-            error = f"http {status}: {response.text[:_SNIPPET_CHARS]}"
-            if status < 500 and status not in _RETRYABLE_STATUS:
-                logger.error("judge request failed, not retrying: %s", error)
-                result["error"] = error
-                return result
-        if retries >= cfg.max_retries:
-            logger.error("judge request failed after %d attempts: %s", result["attempts"], error)
-            result["error"] = error
-            return result
-        delay = cfg.backoff_s * 2**retries
-        logger.warning(
-            "judge request failed (%s); retry %d/%d in %.2fs", error, retries + 1, cfg.max_retries, delay
-        )
-        time.sleep(delay)
-        retries += 1
+        with httpx.Client(timeout=cfg.timeout_s) as own:
+            return judge_one(cfg, context, question, reference, answer, client=own)
+    messages = build_judge_messages(context, question, reference, answer)
+    got = ask_judge(cfg, messages, heron_parse, client=client)
+    scores = got.pop("value")
+    result = {"score_gpt": -1, "score": -1} if scores is None else dict(scores)
+    return {**result, **got, "judge_model": cfg.model}
 
 
 def judge_many(
@@ -241,18 +73,12 @@ def judge_many(
     max_workers: int = 4,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """`judge_one` over items with keys context / question / reference / answer, in order.
-
-    Requests run `max_workers` at a time over one shared connection pool.
-    """
+    """`judge_one` over items with keys context / question / reference / answer, in order (not logged)."""
     for i, item in enumerate(items):
         missing = [k for k in _ITEM_KEYS if k not in item]
         if missing:
             raise DataError(f"judge item {i} lacks {missing}; each item needs keys {list(_ITEM_KEYS)}.")
-    with (
-        httpx.Client(timeout=cfg.timeout_s) as client,
-        ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool,
-    ):
+    with httpx.Client(timeout=cfg.timeout_s) as client, ThreadPoolExecutor(max(1, max_workers)) as pool:
         futures = [
             pool.submit(
                 judge_one, cfg, it["context"], it["question"], it["reference"], it["answer"], client=client
@@ -260,3 +86,154 @@ def judge_many(
             for it in items
         ]
         return [f.result() for f in tqdm(futures, desc="judge", disable=not show_progress)]
+
+
+# --- many questions, durably -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JudgeJob:
+    """One question for the judge: which sample, which run, the messages and how to read the reply."""
+
+    question_id: str
+    run: int
+    metric: str
+    messages: list[dict]
+    parse: Callable[[str], Any]
+    max_tokens: int | None = None
+
+    def key(self, cfg: JudgeConfig) -> str:
+        """Identifies the verdict: judge model and settings, the full prompt, the run index."""
+        from .cache import digest
+
+        return digest(
+            cfg.model, cfg.temperature, cfg.seed, self.max_tokens or cfg.max_tokens, self.messages, self.run
+        )
+
+
+@dataclass
+class JudgeRun:
+    """Asks a judge many questions, logging each verdict to `log_path` as it arrives.
+
+    `runs` is how many times each item is judged (`--judge-runs`); `reuse=False` asks again even
+    where the log has a good verdict (the log keeps the old ones: it is only ever appended to).
+    Without a `log_path` nothing is written (tests, one-off calls).
+    """
+
+    config: JudgeConfig
+    log_path: Path | None = None
+    runs: int = 1
+    reuse: bool = True
+    show_progress: bool = False
+    _cache: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.runs < 1:
+            raise ConfigError(f"judge runs must be >= 1, got {self.runs}")
+
+    def _logged(self) -> dict[str, dict]:
+        if not self.reuse or self.log_path is None or not Path(self.log_path).exists():
+            return {}
+        done: dict[str, dict] = {}
+        for rec in read_jsonl(self.log_path):
+            if isinstance(rec, dict) and isinstance(rec.get("key"), str):
+                done[rec["key"]] = rec  # the latest line for a key wins
+        return done
+
+    def _record(self, job: JudgeJob, key: str, got: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "key": key,
+            "question_id": job.question_id,
+            "run": job.run,
+            "metric": job.metric,
+            "prompt_sha": prompt_sha(job.metric),
+            "judge_model": self.config.model,
+            "judge_model_version": got.get("judge_model_version"),
+            "messages": job.messages,
+            "raw": got.get("raw"),
+            "value": got.get("value"),
+            "error": got.get("error"),
+            "attempts": got.get("attempts"),
+        }
+
+    def ask(self, jobs: Sequence[JudgeJob]) -> dict[str, dict]:
+        """{key: verdict record} for every job: logged good verdicts reused, the rest asked now.
+
+        Each new verdict is appended (flushed, fsynced) as it completes. On Ctrl-C or another
+        exception, requests not yet sent are cancelled, those in flight are awaited and logged,
+        then the exception propagates.
+        """
+        logged = self._logged()
+        results: dict[str, dict] = {}
+        todo: list[tuple[JudgeJob, str]] = []
+        queued: set[str] = set()
+        for job in jobs:
+            key = job.key(self.config)
+            old = logged.get(key) or self._cache.get(key)
+            if old is not None and old.get("error") is None:
+                results[key] = old
+            elif key not in queued:
+                queued.add(key)
+                todo.append((job, key))
+        if results:
+            logger.info("judge: reusing %d logged verdicts, asking %d", len(results), len(todo))
+        if todo:
+            self.config.headers()  # refuse an unsafe key before anything is sent
+            results.update(self._ask_all(todo))
+        self._cache.update(results)
+        return results
+
+    def _ask_all(self, todo: Sequence[tuple[JudgeJob, str]]) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        appender = JsonlAppender(self.log_path) if self.log_path is not None else None
+        pool = ThreadPoolExecutor(self.config.max_workers)
+        bar = tqdm(total=len(todo), desc="judge", disable=not self.show_progress)
+        with httpx.Client(timeout=self.config.timeout_s) as client:
+            futures: dict[Future, tuple[JudgeJob, str]] = {
+                pool.submit(
+                    ask_judge, self.config, job.messages, job.parse, client=client, max_tokens=job.max_tokens
+                ): (
+                    job,
+                    key,
+                )
+                for job, key in todo
+            }
+            pending = set(futures)
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    self._collect(done, futures, out, appender, bar)
+            except BaseException:
+                for f in pending:
+                    f.cancel()
+                pool.shutdown(wait=True, cancel_futures=True)
+                self._collect(
+                    [f for f in pending if f.done() and not f.cancelled()], futures, out, appender, bar
+                )
+                raise
+            finally:
+                pool.shutdown(wait=True)
+                bar.close()
+                if appender is not None:
+                    appender.close()
+        return out
+
+    def _collect(self, done, futures, out, appender, bar) -> None:
+        """Log every finished future; a worker's KeyboardInterrupt is re-raised after the others are logged."""
+        interrupt: BaseException | None = None
+        for f in done:
+            job, key = futures[f]
+            try:
+                got = f.result()
+            except Exception as exc:  # anything unexpected is this item's result, not the run's end
+                got = {"error": f"{type(exc).__name__}: {str(exc)[:300]}", "attempts": None}
+            except BaseException as exc:  # noqa: BLE001 - Ctrl-C inside a worker: nothing to log for it
+                interrupt = exc
+                continue
+            rec = self._record(job, key, got)
+            if appender is not None:
+                appender.write([rec])
+            out[key] = rec
+            bar.update(1)
+        if interrupt is not None:
+            raise interrupt

@@ -35,6 +35,7 @@ __all__ = [
     "exact_match_ja",
     "get_metric",
     "heron_aggregate",
+    "heron_evalmm_rel",
     "jdocqa_normalize",
     "jdocqa_score",
     "normalize_ja",
@@ -195,7 +196,11 @@ def _as_score(value: Any) -> float | None:
             value = float(value.strip())
         except ValueError:
             return None
-    if not isinstance(value, int | float) or not math.isfinite(value) or not 1 <= value <= 10:
+    if not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and not 1 <= value <= 10:  # before float(): 10**400 would overflow
+        return None
+    if not math.isfinite(value) or not 1 <= value <= 10:
         return None
     return float(value)
 
@@ -206,7 +211,7 @@ def _load_json_object(candidate: str) -> dict | None:
     for attempt in (candidate, _CONTROL_CHARS.sub("", candidate)):
         try:
             parsed = json.loads(attempt)
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or an integer longer than Python's digit limit
             continue
         return parsed if isinstance(parsed, dict) else None
     return None
@@ -275,7 +280,26 @@ def heron_aggregate(records: list[dict]) -> dict:
     result["overall"] = sum(relative) / len(relative) if relative else float("nan")
     result["parse_errors"] = total_errors
     result["count"] = sum(1 for r in records if r.get("category") in HERON_CATEGORIES)
+    result.update(heron_evalmm_rel(records))
     return result
+
+
+def heron_evalmm_rel(records: list[dict]) -> dict[str, float]:
+    """`<cat>_rel` and `overall_rel` exactly as llm-jp-eval-mm aggregates Heron-Bench.
+
+    Its choices, kept: a failed verdict (-1 for both scores) is averaged in like a score; a
+    category whose mean model score is exactly -1 (all failed) or that has no records gives no
+    `<cat>_rel` and counts 0 in `overall_rel`, which is the sum of the three divided by 3.
+    """
+    out: dict[str, float] = {}
+    for category in HERON_CATEGORIES:
+        own = [float(r["score"]) for r in records if r.get("category") == category]
+        gpt = [float(r["score_gpt"]) for r in records if r.get("category") == category]
+        if not own or sum(own) / len(own) == -1:
+            continue
+        out[f"{category}_rel"] = 100.0 * (sum(own) / len(own)) / max(0.01, sum(gpt) / len(gpt))
+    out["overall_rel"] = sum(out.get(f"{c}_rel", 0.0) for c in HERON_CATEGORIES) / len(HERON_CATEGORIES)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,3 +350,6 @@ def get_metric(name: str) -> Metric:
         return METRICS[name]
     except KeyError:
         raise ConfigError(f"Unknown metric {name!r}; known metrics: {', '.join(METRICS)}.") from None
+
+
+from . import text_metrics  # noqa: E402,F401  (registers the newer tasks' metrics in METRICS)

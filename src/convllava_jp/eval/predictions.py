@@ -147,7 +147,7 @@ def predict_task(
         model=model.name,
         model_path=str(model.path),
         model_fingerprint=model_fingerprint(model.path),
-        template=settings.template,
+        template=settings.template_for(model.path),
         generation=settings.generation(task),
     )
     key = info.run_key

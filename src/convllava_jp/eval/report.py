@@ -20,12 +20,14 @@ from typing import Any
 from ..errors import DataError
 from ..io import read_json, write_atomic
 from .cache import SCORING_PACKAGES
+from .published import ARTICLE_ROWS, ARTICLE_SOURCE, EVALMM_SOURCE, PUBLISHED_ROWS
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "ARTICLE_ROWS",
     "ARTICLE_SOURCE",
+    "PUBLISHED_ROWS",
     "COLUMNS",
     "Column",
     "SummaryTables",
@@ -33,9 +35,6 @@ __all__ = [
     "summary_tables",
     "write_summary",
 ]
-
-ARTICLE_SOURCE = "published: article (2024-06)"
-ARTICLE_SETTINGS = "as published; Heron-Bench judged by GPT-4"
 
 
 @dataclass(frozen=True)
@@ -57,41 +56,23 @@ COLUMNS: tuple[Column, ...] = (
     Column("Heron avg", "heron-bench", "overall"),
     Column("JDocQA x100", "jdocqa", "overall", 100.0),
     Column("synthetic EM %", "synthetic", "exact_match", 100.0),
+    # eval-mm's leaderboard metrics (its units: LLM judge 1-5, Heron overall_rel, accuracy/F1 in %)
+    Column("VG-VQA LLM (1-5)", "ja-vg-vqa-500", "llm_as_a_judge"),
+    Column("JVB-ItW LLM (1-5)", "ja-vlm-bench-in-the-wild", "llm_as_a_judge"),
+    Column("Heron overall_rel", "heron-bench", "overall_rel"),
+    Column("CVQA acc %", "cvqa", "score", 100.0),
+    Column("CC-OCR F1 %", "cc-ocr", "score", 100.0),
+    Column("JIC acc %", "jic-vqa", "average", 100.0),
+    Column("MulIm-VQA ROUGE-L", "ja-multi-image-vqa", "score"),
+    Column("MulIm-VQA LLM (1-5)", "ja-multi-image-vqa", "llm_as_a_judge"),
+    Column("JMMMU acc %", "jmmmu", "overall", 100.0),
+    Column("MECHA acc %", "mecha-ja", "overall", 100.0),
+    Column("JWTxt-Board acc %", "jawildtext-board-vqa", "accuracy", 100.0),
+    Column("JWTxt-HW CER-sim %", "jawildtext-handwriting-ocr", "cer_similarity", 100.0),
+    Column("JWTxt-Receipt F1 %", "jawildtext-receipt-kie", "f1", 100.0),
 )
 _ARTICLE_TASKS = ("ja-vg-vqa-500", "ja-vlm-bench-in-the-wild", "heron-bench")
-
-# The ConvLLaVA-JP article's results table (2024-06): {task: {key: value}} in the units of COLUMNS.
-ARTICLE_ROWS: tuple[dict[str, Any], ...] = (
-    {
-        "model": "ConvLLaVA-JP-1.3b-768",
-        "params": "2.10B",
-        "ja-vg-vqa-500": {"score": 12.05},
-        "ja-vlm-bench-in-the-wild": {"score": 42.80},
-        "heron-bench": {"detail": 44.24, "conv": 40.00, "complex": 48.16, "overall": 44.96},
-    },
-    {
-        "model": "ConvLLaVA-JP-1.3b-1280",
-        "params": "2.10B",
-        "ja-vg-vqa-500": {"score": 11.88},
-        "ja-vlm-bench-in-the-wild": {"score": 43.64},
-        "heron-bench": {"detail": 38.95, "conv": 44.79, "complex": 41.24, "overall": 42.31},
-    },
-    {
-        "model": "llava-jp-1.3b-v1.1 (SigLIP, 384)",
-        "params": "-",
-        "ja-vg-vqa-500": {"score": 13.33},
-        "ja-vlm-bench-in-the-wild": {"score": 44.40},
-        "heron-bench": {"detail": 50.00, "conv": 51.83, "complex": 48.98, "overall": 50.39},
-    },
-    {
-        "model": "EvoVLM-JP-v1-7B",
-        "params": "7B",
-        "ja-vg-vqa-500": {"score": 19.70},
-        "ja-vlm-bench-in-the-wild": {"score": 51.25},
-        "heron-bench": {"overall": 45.07},
-    },
-    {"model": "Heron GIT Japanese StableLM 7B", "params": "7B", "heron-bench": {"overall": 46.83}},
-)
+_JUDGED_TASKS = ("heron-bench", "jawildtext-board-vqa")  # their primary number needs the judge
 
 
 @dataclass
@@ -134,9 +115,12 @@ def _cell(summary: Mapping[str, Any] | None, col: Column) -> str:
     if summary is None:
         return ""
     metrics = summary.get("metrics", {})
-    if col.task == "heron-bench" and metrics.get("overall") is None:
+    if col.task in _JUDGED_TASKS and metrics.get(summary.get("primary", "overall")) is None:
         return "judge failed" if metrics.get("judge_failures") else "not judged"
     text = _number(metrics.get(col.key), col.scale)
+    spread = metrics.get(f"{col.key}_runs")
+    if isinstance(spread, Mapping) and len(spread.get("runs") or []) > 1 and spread.get("std") is not None:
+        text += f" ±{spread['std'] * col.scale:.2f} ({len(spread['runs'])} judge runs)"
     if col.task == "heron-bench" and col.key == "overall":
         failed = int(metrics.get("judge_failures", 0)) + int(metrics.get("not_judged", 0))
         if failed:
@@ -156,14 +140,18 @@ def _model_settings(per_task: Mapping[str, Mapping[str, Any]]) -> str:
     else:
         parts.append("max_new_tokens " + ", ".join(f"{t} {v}" for t, v in tokens.items()))
     parts.append("/".join(sorted({str(s.get("template")) for s in settings})))
-    heron = per_task.get("heron-bench")
-    if heron is not None:
-        judge = heron.get("settings", {}).get("judge")
-        if judge:
-            versions = heron.get("metrics", {}).get("judge_model_versions") or ["?"]
-            parts.append(f"judge {judge['model']} ({', '.join(versions)})")
-        else:
-            parts.append("no judge")
+    judged = [s for t, s in per_task.items() if s.get("settings", {}).get("judge") or t in _JUDGED_TASKS]
+    judges = sorted(
+        {
+            f"judge {j['model']} ({', '.join(s.get('metrics', {}).get('judge_model_versions') or ['?'])})"
+            for s in judged
+            if (j := s.get("settings", {}).get("judge"))
+        }
+    )
+    if judges:
+        parts.extend(judges)
+    elif any(t in _JUDGED_TASKS for t in per_task):
+        parts.append("no judge")
     return "; ".join(parts)
 
 
@@ -193,17 +181,21 @@ def summary_tables(summaries: Sequence[Mapping[str, Any]], include_article: bool
             [model, "this run", *[_cell(per_task.get(c.task), c) for c in cols], _model_settings(per_task)]
         )
     if include_article:
-        for ref in ARTICLE_ROWS:
+        for ref in PUBLISHED_ROWS:
             cells = [_number(ref.get(c.task, {}).get(c.key), 1.0) for c in cols]
-            rows.append([ref["model"], ARTICLE_SOURCE, *cells, ARTICLE_SETTINGS])
+            if any(cells):  # a published row with nothing in these columns is left out
+                rows.append([ref["model"], ref["source"], *cells, ref["settings"]])
 
     md = [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows)]
     if include_article:
         md.append("")
         md.append(
-            f"Rows marked '{ARTICLE_SOURCE}' are the article's reported numbers, "
-            "not produced by this run. ROUGE-L is Japanese ROUGE-L x100 (llm-jp-eval-mm); Heron is "
-            "100 * mean(model score) / mean(reference score) per category."
+            f"Rows marked 'published: ...' are numbers as their source reports them ('{ARTICLE_SOURCE}', "
+            f"'{EVALMM_SOURCE}'), not produced by this run; an empty cell is one the source does not give. "
+            "ROUGE-L is Japanese ROUGE-L x100 (llm-jp-eval-mm); Heron detail/conv/complex/avg are "
+            "100 * mean(model score) / mean(reference score) per category over valid verdicts; "
+            "Heron overall_rel is eval-mm's (failed verdicts averaged in, a missing category as 0); "
+            "LLM (1-5) is eval-mm's llm-as-a-judge."
         )
     md += ["", *_settings_table(summaries)]
     scorers = _scoring_versions(summaries)

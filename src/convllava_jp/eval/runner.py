@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, DataError
-from ..io import jsonl_text, read_jsonl, write_atomic, write_json_atomic
+from ..io import jsonl_text, write_atomic, write_json_atomic
 from .cache import (
     PACKAGES,
     SCORING_PACKAGES,
-    digest,
     model_fingerprint,
     package_versions,
 )
@@ -115,8 +114,11 @@ class EvalSettings:
     use_cache: bool = True
     device: str = "auto"
     dtype: str | None = None
-    template: str = "llm-jp-v1"
+    template: str | None = None  # None: each model's recorded training template (else llm-jp-v1)
     show_progress: bool = True
+    judge_runs: int = 1  # each judged item asked this many times (mean and spread reported)
+    allow_other_split: bool = False  # score a local copy's only split when it lacks the task's
+    rotate_choices: bool = False  # MECHA: each question once per rotation of its options (eval-mm's flag)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -125,6 +127,16 @@ class EvalSettings:
             raise ConfigError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.limit is not None and self.limit < 1:
             raise ConfigError(f"limit must be >= 1, got {self.limit}")
+        if self.judge_runs < 1:
+            raise ConfigError(f"judge_runs must be >= 1, got {self.judge_runs}")
+
+    def template_for(self, model_dir: str | os.PathLike | None) -> str:
+        """The chat template a model is prompted with: the run's, else the one its dir records."""
+        from ..model.templates import DEFAULT_TEMPLATE, default_template_name
+
+        if self.template:
+            return self.template
+        return default_template_name(model_dir) if model_dir is not None else DEFAULT_TEMPLATE
 
     def generation(self, task: Task) -> dict[str, Any]:
         """The decoding settings for `task` (the keys of infer.GenerationConfig)."""
@@ -144,21 +156,33 @@ def decoding_label(generation: Mapping[str, Any]) -> str:
     return f"sampling T={generation['temperature']} top_p={generation.get('top_p', 1.0)}"
 
 
-def _judge_settings(judge: Any) -> dict[str, Any] | None:
-    if judge is None:
-        return None
-    from .judge import build_judge_messages
+JUDGE_LOG = "judge.jsonl"
 
-    url = re.sub(r"//[^/@]*@", "//", judge.url)  # never write credentials embedded in the URL
-    return {
-        "model": judge.model,
-        "url": url,
-        "temperature": judge.temperature,
-        "seed": judge.seed,
-        "max_tokens": judge.max_tokens,
-        "max_retries": judge.max_retries,
-        "prompt_sha": digest(build_judge_messages("{context}", "{question}", "{reference}", "{answer}")),
-    }
+
+def _judge_for(task: Task, judge: Any, out_dir: Path, settings: EvalSettings) -> Any:
+    """The judge as this task uses it: a `JudgeRun` logging to `<out_dir>/judge.jsonl`, or None."""
+    if judge is None or not (task.needs_judge or task.judge_metric):
+        return None
+    from .judge import JudgeConfig, JudgeRun
+
+    if isinstance(judge, JudgeRun):
+        return judge
+    if not isinstance(judge, JudgeConfig):
+        raise ConfigError(f"judge must be a JudgeConfig, got {type(judge).__name__}")
+    return JudgeRun(
+        judge,
+        out_dir / JUDGE_LOG,
+        runs=settings.judge_runs,
+        reuse=settings.use_cache,
+        show_progress=settings.show_progress,
+    )
+
+
+def _judge_settings(task: Task, judge: Any) -> dict[str, Any] | None:
+    from .judged import judge_settings
+
+    metric = task.metric if task.needs_judge else task.judge_metric
+    return judge_settings(judge, metric) if judge is not None and metric else None
 
 
 def _score(
@@ -171,16 +195,7 @@ def _score(
 ) -> list[dict]:
     """Score every prediction (reusing saved judge verdicts when caching) and write evaluation.jsonl."""
     predictions = {s.id: records[s.id]["text"] for s in samples}
-    previous: dict[str, dict] = {}
-    if settings.use_cache:
-        previous = {
-            r["question_id"]: r
-            for r in read_jsonl(out_dir / EVALUATION)
-            if isinstance(r, dict) and "question_id" in r
-        }
-    scored = task.score(
-        samples, predictions, judge=judge, previous=previous, show_progress=settings.show_progress
-    )
+    scored = task.score(samples, predictions, judge=judge, show_progress=settings.show_progress)
     for rec, s in zip(scored, samples):
         rec["empty_prediction"] = not predictions[s.id].strip()
         if records[s.id].get("error"):
@@ -195,13 +210,15 @@ def _summary_settings(
     """Every setting that moves the task's numbers, for summary.json."""
     return {
         **task.settings(),
-        "dataset": dataset_origin,
+        "split": task.source_split if task.source_origin is not None else task.split,
+        "task_split": task.split,
+        "dataset": task.source_origin or dataset_origin,
         "limit": settings.limit,
         "template": info.template,
         "max_new_tokens": info.generation.get("max_new_tokens"),
         "decoding": decoding_label(info.generation) if info.generation else "unknown",
         "generation": info.generation,
-        "judge": _judge_settings(judge) if task.needs_judge else None,
+        "judge": _judge_settings(task, judge),
         "packages": info.packages,
         "scoring_packages": package_versions(),
     }
@@ -230,6 +247,7 @@ def run_task(
     out_dir = Path(output_dir) / task.name / model.name
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    judge = _judge_for(task, judge, out_dir, settings)
     if rescore:
         records, info = saved_predictions(task, samples, model, out_dir)
         counts = {"cached_predictions": len(samples), "generated": 0}
@@ -267,7 +285,7 @@ def load_pipeline(model: EvalModel, settings: EvalSettings) -> Any:
     if model.path is None or not Path(model.path).is_dir():
         raise ConfigError(f"model dir {model.path} does not exist")
     return VLMPipeline.from_pretrained(
-        model.path, device=settings.device, dtype=settings.dtype, template=settings.template
+        model.path, device=settings.device, dtype=settings.dtype, template=settings.template_for(model.path)
     )
 
 
@@ -291,13 +309,16 @@ def run_eval(
     settings = settings or EvalSettings()
     data = dict(data or {})
     task_objs = [get_task(name) for name in tasks]
+    for task in task_objs:
+        if hasattr(task, "rotate_choices"):
+            task.rotate_choices = settings.rotate_choices
     unknown = set(data) - {t.name for t in task_objs} - set(tasks)
     if unknown:
         raise ConfigError(f"--data given for {sorted(unknown)}, which are not among the tasks {list(tasks)}")
     loaded = []
     for task in task_objs:
         source = data.get(task.name)
-        samples = task.load(source, settings.limit)
+        samples = task.load(source, settings.limit, allow_other_split=settings.allow_other_split)
         if not samples:
             raise DataError(f"{task.name}: the dataset has no samples")
         loaded.append((task, samples, str(source) if source else f"{task.hub_id} [{task.split}]"))

@@ -5,9 +5,20 @@ images, reference) and how per-sample scores are summarised. Adding a benchmark 
 a `Task` subclass decorated by `register_task`, imported below.
 """
 
-from . import heron_bench, ja_vg_vqa_500, ja_vlm_bench_in_the_wild, jdocqa, synthetic  # noqa: F401
+from . import (  # noqa: F401  (each module registers its tasks)
+    choice_tasks,
+    heron_bench,
+    ja_multi_image_vqa,
+    ja_vg_vqa_500,
+    ja_vlm_bench_in_the_wild,
+    jawildtext,
+    jdocqa,
+    jmmmu,
+    ocr_tasks,
+    synthetic,
+)
 from .base import RowSource, Sample, Task, image_source, open_rows
-from .registry import TASK_ALIASES, TASKS, get_task, register_task, task_names
+from .registry import TASK_ALIASES, TASKS, get_task, register_task, task_names, task_table
 
 __all__ = [
     "TASKS",
@@ -20,4 +31,5 @@ __all__ = [
     "open_rows",
     "register_task",
     "task_names",
+    "task_table",
 ]

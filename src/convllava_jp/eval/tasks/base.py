@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 IMAGE_TAG = IMAGE_TOKEN
 
-__all__ = ["IMAGE_TAG", "RowSource", "Sample", "Task", "image_source", "open_rows"]
+__all__ = ["IMAGE_TAG", "RowSource", "Sample", "Task", "image_source", "open_rows", "raw_text_field"]
 
 
 @dataclass
@@ -67,6 +67,7 @@ class RowSource:
     columns: list[str]
     origin: str
     base_dir: Path | None = None  # relative image paths in JSON resolve against this
+    split: str | None = None  # the split actually read; None for a single file (no splits)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -110,16 +111,28 @@ def required_image(value: Any, base_dir: Path | None, where: str, column: str = 
     return image
 
 
+def raw_text_field(raw: str, question: str) -> dict[str, str]:
+    """{"input_text": raw} when the model's question differs from the dataset's text (tags removed), else {}."""
+    return {"input_text": raw} if raw != question else {}
+
+
 # --- opening a dataset --------------------------------------------------------------------------
 
 
-def _pick_split(dd: Any, split: str, origin: str) -> Any:
+def _pick_split(dd: Any, split: str, origin: str, allow_other_split: bool) -> tuple[Any, str]:
+    """(rows, the split name used): `split`, or with `allow_other_split` a copy's only split."""
     if split in dd:
-        return dd[split]
+        return dd[split], split
     if len(dd) == 1:
         only = next(iter(dd))
-        log.warning("%s has no split %r; using its only split %r", origin, split, only)
-        return dd[only]
+        if not allow_other_split:
+            raise DataError(
+                f"{origin} has no split {split!r}, only {only!r}: scoring it would not be the benchmark's "
+                f"{split!r} split. Save the {split!r} split, or pass --allow-other-split to score "
+                f"{only!r} anyway (it is then recorded as {only!r})."
+            )
+        log.warning("%s has no split %r; scoring its only split %r as asked", origin, split, only)
+        return dd[only], only
     raise DataError(f"{origin} has no split {split!r}; it has {sorted(dd)}. Save the {split!r} split.")
 
 
@@ -151,7 +164,9 @@ def _columns_of(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def open_rows(data: str | os.PathLike | None, hub_id: str | None, split: str) -> RowSource:
+def open_rows(
+    data: str | os.PathLike | None, hub_id: str | None, split: str, allow_other_split: bool = False
+) -> RowSource:
     """The rows of `split`, from a local path if given, else from the hub.
 
     Local forms: a `save_to_disk` dir (Dataset or DatasetDict), a folder in the hub's layout
@@ -172,28 +187,34 @@ def open_rows(data: str | os.PathLike | None, hub_id: str | None, split: str) ->
                 f"(datasets' save_to_disk, or the repo's parquet files) and pass --data TASK=PATH."
             ) from None
         ds = undecoded_images(ds)
-        return RowSource(ds, list(ds.column_names), f"{hub_id} [{split}]")
+        return RowSource(ds, list(ds.column_names), f"{hub_id} [{split}]", split=split)
 
     path = Path(data).expanduser()
     if not path.exists():
         raise DataError(f"dataset path {path} does not exist")
     origin = str(path)
+    used: str | None = None
     if path.is_dir():
         if is_saved_dataset(path):
             loaded = load_saved(path)
-            ds = _pick_split(loaded, split, origin) if isinstance(loaded, datasets.DatasetDict) else loaded
+            if isinstance(loaded, datasets.DatasetDict):
+                ds, used = _pick_split(loaded, split, origin, allow_other_split)
+            else:
+                ds = loaded
         elif any(path.rglob("*.parquet")):
             try:
                 ds = load_repo(str(path), split)
             except ValueError as err:
                 raise DataError(f"{path}: no {split!r} split among its parquet files ({err})") from None
+            used = split
         else:
             raise DataError(
                 f"{path} is neither a save_to_disk dir (dataset_dict.json / state.json) nor a folder "
                 f"of parquet files; give one of those, a .parquet file or a .json/.jsonl file"
             )
         ds = undecoded_images(ds)
-        return RowSource(ds, list(ds.column_names), f"{origin} [{split}]", base_dir=path)
+        where = f"{origin} [{used}]" if used else origin
+        return RowSource(ds, list(ds.column_names), where, base_dir=path, split=used)
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         ds = undecoded_images(load_parquet(path))
@@ -202,6 +223,21 @@ def open_rows(data: str | os.PathLike | None, hub_id: str | None, split: str) ->
         rows = _read_json_rows(path)
         return RowSource(rows, _columns_of(rows), origin, base_dir=path.parent)
     raise DataError(f"{path}: unknown dataset format {suffix!r}; use a dir, .parquet, .json or .jsonl")
+
+
+def open_hub_config(hub_id: str | None, config: str, split: str) -> RowSource:
+    """One config's split from the hub (datasets' `load_dataset(hub_id, config, split=...)`)."""
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(hub_id, config, split=split)
+    except Exception as err:  # offline, gated, renamed...: say what to do instead
+        raise DataError(
+            f"could not load {hub_id} (config {config!r}, split {split!r}) from the Hugging Face hub: "
+            f"{type(err).__name__}: {err}. Without internet, download it elsewhere and pass --data TASK=PATH."
+        ) from None
+    ds = undecoded_images(ds)
+    return RowSource(ds, list(ds.column_names), f"{hub_id}/{config} [{split}]", split=split)
 
 
 # --- the task base class ------------------------------------------------------------------------
@@ -223,13 +259,28 @@ class Task:
     default_max_new_tokens: ClassVar[int] = 256  # llm-jp-eval-mm's CLI default
     primary: ClassVar[str] = "score"  # the aggregate key the summary table shows
     prompt_description: ClassVar[str] = "llm-jp-v1 chat; user turn = '<image>\\n' + question"
-    needs_judge: ClassVar[bool] = False
+    needs_judge: ClassVar[bool] = False  # the primary metric needs the judge
+    judge_metric: ClassVar[str | None] = None  # a judged metric beside `metric` (when a judge is given)
     schema_hint: ClassVar[str] = ""  # one line on the expected schema, for error messages
+    layout: ClassVar[str] = ""  # where the data comes from and the local copy expected (--list-tasks)
+    source_split: str | None = None  # set by `load`: the split actually read (None: one file)
+    source_origin: str | None = None
 
     # --- loading ---------------------------------------------------------------------------
-    def load(self, data: str | os.PathLike | None = None, limit: int | None = None) -> list[Sample]:
-        """Open the dataset, check its schema and build the samples (the first `limit`, if given)."""
-        source = open_rows(data, self.hub_id, self.split)
+    def load(
+        self,
+        data: str | os.PathLike | None = None,
+        limit: int | None = None,
+        *,
+        allow_other_split: bool = False,
+    ) -> list[Sample]:
+        """Open the dataset, check its schema and build the samples (the first `limit`, if given).
+
+        A local copy without the task's split is refused unless `allow_other_split` (then the
+        split read is recorded in `source_split`, and in summary.json).
+        """
+        source = self.open_source(data, allow_other_split)
+        self.source_split, self.source_origin = source.split, source.origin
         self.check_columns(source)
         samples = self.build_samples(source)
         seen: set[str] = set()
@@ -250,6 +301,14 @@ class Task:
                 f"{source.origin} is not in the {self.title} schema: missing column(s) "
                 f"{', '.join(repr(c) for c in missing)}; it has {source.columns}. {self.schema_hint}"
             )
+
+    hub_config: ClassVar[str | None] = None  # the hub dataset's config (subset) name, if it has several
+
+    def open_source(self, data: str | os.PathLike | None, allow_other_split: bool) -> RowSource:
+        """The rows to build samples from: the local copy, else the hub (its `hub_config`)."""
+        if data is None and self.hub_config is not None:
+            return open_hub_config(self.hub_id, self.hub_config, self.split)
+        return open_rows(data, self.hub_id, self.split, allow_other_split)
 
     def build_samples(self, source: RowSource) -> list[Sample]:
         raise NotImplementedError
@@ -278,7 +337,7 @@ class Task:
         Every sample is scored, an empty prediction included (it gets the metric's value for "").
         """
         metric = get_metric(self.metric)
-        return [
+        records = [
             {
                 "question_id": s.id,
                 self.metric: metric(predictions[s.id], s.reference, s.fields),
@@ -286,6 +345,27 @@ class Task:
             }
             for s in samples
         ]
+        return self.add_judged(records, samples, predictions, judge)
+
+    def judge_question(self, sample: Sample) -> str:
+        """The question the judge is shown: eval-mm's `input_text`, the dataset's text as it is
+        (with any `<image>` tag, which only the model's copy loses)."""
+        return sample.fields.get("input_text", sample.question)
+
+    def add_judged(
+        self, records: list[dict], samples: Sequence[Sample], predictions: Mapping[str, str], judge: Any
+    ) -> list[dict]:
+        """Add `judge_metric` (mean over judge runs, each run, errors) to each record, if a judge is given."""
+        from ..judged import as_judge_run, llm_judge_records
+
+        run = as_judge_run(judge)
+        if self.judge_metric is None or run is None:
+            return records
+        items = [(s.id, self.judge_question(s), s.reference, predictions[s.id]) for s in samples]
+        judged = llm_judge_records(run, items, self.judge_metric)
+        for rec in records:
+            rec.update(judged[rec["question_id"]])
+        return records
 
     def score_fields(self, sample: Sample) -> dict[str, Any]:
         """Sample fields copied into evaluation.jsonl (what the summary groups by)."""
@@ -294,12 +374,30 @@ class Task:
     def aggregate(self, records: Sequence[dict]) -> dict[str, Any]:
         """Summary of the per-sample records: here the mean of the metric, as llm-jp-eval-mm does."""
         values = [float(r[self.metric]) for r in records]
-        return {"score": _mean(values), "n": len(values)}
+        return {"score": _mean(values), "n": len(values), **self.judged_summary(records)}
+
+    def judged_summary(self, records: Sequence[dict]) -> dict[str, Any]:
+        """`judge_metric`: the mean over judge runs of each run's mean, the spread, and failures."""
+        from ..judged import per_run_means, run_spread
+
+        metric = self.judge_metric
+        if metric is None or not any(f"{metric}_runs" in r for r in records):
+            return {}
+        runs = max(len(r.get(f"{metric}_runs") or []) for r in records)
+        spread = run_spread(per_run_means(records, metric, runs))
+        key = metric.replace("-", "_")
+        return {
+            key: spread["mean"],
+            f"{key}_runs": spread,
+            f"{key}_failures": sum(1 for r in records for e in r.get("judge_errors") or [] if e),
+            "judge_model_versions": sorted({v for r in records for v in r.get("judge_model_versions") or []}),
+        }
 
     def settings(self) -> dict[str, Any]:
         """What this task fixes that moves the numbers (recorded with every result)."""
         return {
             "metric": self.metric,
+            "judge_metric": self.judge_metric,
             "prompt": self.prompt_description,
             "hub_id": self.hub_id,
             "split": self.split,

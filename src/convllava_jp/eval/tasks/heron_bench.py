@@ -11,15 +11,13 @@ counted as 0 or 10; the summary reports how many.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...errors import DataError
 from ..metrics import HERON_CATEGORIES, heron_aggregate
-from .base import IMAGE_TAG, RowSource, Sample, Task, required_image
+from .base import IMAGE_TAG, RowSource, Sample, Task, raw_text_field, required_image
 from .registry import register_task
 
 log = logging.getLogger(__name__)
@@ -28,21 +26,22 @@ REFERENCE_MODEL = "gpt-4-0125-preview"  # the reference answer llm-jp-eval-mm sc
 NOT_JUDGED = "not judged: no --judge-url given"
 
 
-def judge_key(judge: Any, sample: Sample, answer: str) -> str:
-    """Identifies one verdict: the judge model and settings, and the full prompt it was shown."""
-    from ..judge import build_judge_messages
-
-    messages = build_judge_messages(sample.fields["context"], sample.question, sample.reference, answer)
-    payload = [judge.model, judge.temperature, judge.seed, judge.max_tokens, messages]
-    return hashlib.sha256(json.dumps(payload, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-_VERDICT_KEYS = ("score", "score_gpt", "error", "judge_model", "judge_model_version", "attempts", "raw")
+_VERDICT_KEYS = ("error", "judge_model", "judge_model_version", "attempts", "raw")
 
 
 def _ids(sample: Sample) -> dict[str, Any]:
     """The first fields of a sample's evaluation record."""
     return {"question_id": sample.id, "category": sample.fields["category"]}
+
+
+def _run_record(verdict: dict[str, Any]) -> dict[str, Any]:
+    value = verdict.get("value") if verdict.get("error") is None else None
+    scores = value or {"score": -1, "score_gpt": -1}
+    return {
+        "score": scores["score"],
+        "score_gpt": scores["score_gpt"],
+        **{k: verdict.get(k) for k in _VERDICT_KEYS},
+    }
 
 
 @register_task
@@ -75,13 +74,19 @@ class JapaneseHeronBench(Task):
             if category not in HERON_CATEGORIES:
                 raise DataError(f"{where}: category {category!r} is not one of {list(HERON_CATEGORIES)}")
             image = required_image(row["image"], source.base_dir, where)
+            raw = self.text(row["text"], where, "text")
+            question = raw.replace(IMAGE_TAG, "")
             samples.append(
                 Sample(
                     id=str(row["question_id"]),
-                    question=self.text(row["text"], where, "text").replace(IMAGE_TAG, ""),
+                    question=question,
                     reference=self.text(answers[REFERENCE_MODEL], where, f"answer.{REFERENCE_MODEL}"),
                     images=[image],
-                    fields={"category": category, "context": self.text(row["context"], where, "context")},
+                    fields={
+                        "category": category,
+                        "context": self.text(row["context"], where, "context"),
+                        **raw_text_field(raw, question),
+                    },
                 )
             )
         return samples
@@ -95,48 +100,44 @@ class JapaneseHeronBench(Task):
         previous: Mapping[str, dict] | None = None,
         show_progress: bool = True,
     ) -> list[dict]:
-        """Ask the judge about every sample whose verdict is not already in `previous`.
+        """Ask the judge about every sample (each of `runs` times) whose verdict is not logged yet.
 
-        Without a judge every record says so in `error` and has no scores. Verdicts that failed
-        earlier are asked again; successful ones with the same judge, prompt and answer are reused.
+        Without a judge every record says so in `error` and has no scores. A record's top-level
+        scores are run 0's; `runs` holds every run's. Failed verdicts are asked again on a rerun;
+        good ones with the same judge, prompt and answer are reused from the judge log.
         """
-        if judge is None:
+        from ..judge import JudgeJob
+        from ..judge_prompts import build_judge_messages, heron_parse
+        from ..judged import as_judge_run, verdicts_by_sample
+
+        run = as_judge_run(judge)
+        if run is None:
             log.warning("heron-bench: no --judge-url, so the answers are saved but not scored")
             return [{**_ids(s), "score": None, "score_gpt": None, "error": NOT_JUDGED} for s in samples]
-        from ..judge import judge_many
-
-        previous = previous or {}
-        records: dict[str, dict] = {}
-        todo: list[tuple[Sample, str]] = []
-        for s in samples:
-            key = judge_key(judge, s, predictions[s.id])
-            old = previous.get(s.id)
-            if old and old.get("judge_key") == key and old.get("error") is None:
-                records[s.id] = old
-            else:
-                todo.append((s, key))
-        if len(records):
-            log.info("heron-bench: reusing %d judge verdicts, asking %d", len(records), len(todo))
-        items = [
-            {
-                "context": s.fields["context"],
-                "question": s.question,
-                "reference": s.reference,
-                "answer": predictions[s.id],
-            }
-            for s, _ in todo
+        jobs = [
+            JudgeJob(
+                s.id,
+                r,
+                self.metric,
+                build_judge_messages(
+                    s.fields["context"], self.judge_question(s), s.reference, predictions[s.id]
+                ),
+                heron_parse,
+            )
+            for s in samples
+            for r in range(run.runs)
         ]
-        verdicts = judge_many(judge, items, show_progress=show_progress) if items else []
-        for (s, key), verdict in zip(todo, verdicts):
-            records[s.id] = {**_ids(s), **{k: verdict[k] for k in _VERDICT_KEYS}, "judge_key": key}
-        failed = sum(1 for r in records.values() if r["error"] is not None)
+        verdicts = verdicts_by_sample(run, jobs)
+        records = []
+        for s in samples:
+            runs = [_run_record(v) for v in verdicts[s.id]]
+            records.append({**_ids(s), **runs[0], "runs": runs})
+        failed = sum(1 for r in records if r["error"] is not None)
         if failed:
             log.warning(
-                "heron-bench: the judge failed on %d of %d samples (see evaluation.jsonl)",
-                failed,
-                len(samples),
+                "heron-bench: the judge failed on %d of %d samples (see judge.jsonl)", failed, len(samples)
             )
-        return [records[s.id] for s in samples]
+        return records
 
     def aggregate(self, records: Sequence[dict]) -> dict[str, Any]:
         """`heron_aggregate` over the judged records; judge failures and unjudged ones are counted."""
@@ -151,6 +152,19 @@ class JapaneseHeronBench(Task):
         overall = out.get("overall")
         if overall is None or overall != overall:  # nothing judged, or no valid verdict (NaN)
             out["overall"] = None
+        n_runs = max((len(r.get("runs") or []) for r in judged), default=0)
+        if n_runs > 1:
+            from ..judged import run_spread
+
+            per_run = [
+                [{"category": r["category"], **r["runs"][i]} for r in judged if len(r["runs"]) > i]
+                for i in range(n_runs)
+            ]
+            for key in ("overall", "overall_rel"):
+                values = [heron_aggregate(rs).get(key) if rs else None for rs in per_run]
+                out[f"{key}_runs"] = run_spread([None if v is None or v != v else v for v in values])
+            out["overall"] = out["overall_runs"]["mean"]
+            out["overall_rel"] = out["overall_rel_runs"]["mean"]
         return out
 
     def settings(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ...errors import DataError
-from .base import IMAGE_TAG, RowSource, Sample, Task, required_image
+from .base import IMAGE_TAG, RowSource, Sample, Task, raw_text_field, required_image
 from .registry import register_task
 
 QA_KEYS = ("qa_id", "question", "answer")
@@ -38,6 +38,7 @@ class JaVGVQA500(Task):
     hub_id = "SakanaAI/JA-VG-VQA-500"
     split = "test"
     metric = "rouge-l-ja"
+    judge_metric = "llm-as-a-judge"  # eval-mm's second metric; asked only with --judge-url
     required_columns = ("image_id", "image", "qas")
     schema_hint = (
         "Expected (as on the hub): image_id, url, width, height, coco_id, flickr_id, image, and "
@@ -53,13 +54,15 @@ class JaVGVQA500(Task):
                 missing = [k for k in QA_KEYS if k not in qa]
                 if missing:
                     raise DataError(f"{where}: qas[{j}] lacks {missing}; each needs {list(QA_KEYS)}")
+                raw = self.text(qa["question"], where, "qas.question")
+                question = raw.replace(IMAGE_TAG, "")
                 samples.append(
                     Sample(
                         id=str(qa["qa_id"]),
-                        question=self.text(qa["question"], where, "qas.question").replace(IMAGE_TAG, ""),
+                        question=question,
                         reference=self.text(qa["answer"], where, "qas.answer"),
                         images=[image],
-                        fields={"image_id": row["image_id"]},
+                        fields={"image_id": row["image_id"], **raw_text_field(raw, question)},
                     )
                 )
         return samples

@@ -27,6 +27,31 @@ _SUMMARY_KEYS = {
 }  # llm-jp-eval-mm's names
 
 
+def _label_key(text: str) -> str:
+    return "".join(c for c in text.strip().lower() if c.isalnum())
+
+
+# The dataset's own label names and eval-mm's, in any case and punctuation: "yes/no", "Yes-No",
+# "yesno", "open-ended", "Open ended"...
+_LABELS = {_label_key(name): code for name, code in JDOCQA_ANSWER_TYPES.items()}
+
+
+def answer_type_code(value: Any, where: str) -> int:
+    """JDocQA's answer type as eval-mm's code 0-3, from a code (int or digit string) or a label name."""
+    code: Any = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        code = value
+    elif isinstance(value, str):
+        key = _label_key(value)
+        code = int(key) if key.isdigit() and len(key) == 1 else _LABELS.get(key)
+    if code not in _TYPE_NAMES:
+        raise DataError(
+            f"{where}: answer_type {value!r:.80} is not a JDocQA answer type; use a code "
+            f"{sorted(_TYPE_NAMES)} or a label ({', '.join(JDOCQA_ANSWER_TYPES)}; 'yes/no' is read as yesno)"
+        )
+    return code
+
+
 @register_task
 class JDocQA(Task):
     name = "jdocqa"
@@ -50,14 +75,7 @@ class JDocQA(Task):
             images = [im for im in images if im is not None]
             if not images:
                 raise DataError(f"{where}: no page image in {list(IMAGE_COLUMNS)}")
-            answer_type = row["answer_type"]
-            if isinstance(answer_type, str) and answer_type in JDOCQA_ANSWER_TYPES:
-                answer_type = JDOCQA_ANSWER_TYPES[answer_type]
-            if answer_type not in _TYPE_NAMES:
-                raise DataError(
-                    f"{where}: answer_type {answer_type!r} is not one of {sorted(_TYPE_NAMES)} "
-                    f"({', '.join(JDOCQA_ANSWER_TYPES)})"
-                )
+            answer_type = answer_type_code(row["answer_type"], where)
             samples.append(
                 Sample(
                     id=str(row["question_id"]),

@@ -32,7 +32,13 @@ class SyntheticWorld(Task):
         "Expected a world's test.json: id, image, conversations, qtype, answer, label, chance, scene."
     )
 
-    def load(self, data: str | os.PathLike | None = None, limit: int | None = None) -> list[Sample]:
+    def load(
+        self,
+        data: str | os.PathLike | None = None,
+        limit: int | None = None,
+        *,
+        allow_other_split: bool = False,
+    ) -> list[Sample]:
         if data is None:
             raise DataError(
                 "the synthetic task needs the world: --data synthetic=DIR (a dir written by "
@@ -43,7 +49,7 @@ class SyntheticWorld(Task):
             path = path / "test.json"
             if not path.exists():
                 raise DataError(f"{data} has no test.json; is it a synthetic world dir?")
-        return super().load(path, limit)
+        return super().load(path, limit, allow_other_split=allow_other_split)
 
     def build_samples(self, source: RowSource) -> list[Sample]:
         samples = []
