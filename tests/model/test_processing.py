@@ -88,3 +88,36 @@ def test_pixel_values_take_one_form_from_processor_to_forward(aspect):
 def test_the_dataset_knows_every_chat_template():
     """`data/` validates template names without importing the model: the two lists must agree."""
     assert tuple(JINJA_TEMPLATES) == TEMPLATE_NAMES
+
+
+def test_a_model_dir_is_prompted_with_the_template_its_chat_stage_was_trained_with(tiny_model_dir, tmp_path):
+    """Training records a chat stage's template in the dir; inference and eval default to it."""
+    from convllava_jp.eval.runner import EvalSettings
+    from convllava_jp.infer.generation import VLMPipeline
+    from convllava_jp.model.model_dir import load_model_dir, save_model_dir
+    from convllava_jp.model.templates import default_template_name
+
+    model, processor = load_model_dir(tiny_model_dir)
+    assert default_template_name(tiny_model_dir) == "llm-jp-v1"  # nothing recorded: today's default
+    assert VLMPipeline(model, processor).template == "llm-jp-v1"
+    processor.record_trained_template("plain")  # captioning stages are not recorded
+    assert processor.default_template() == "llm-jp-v1"
+    processor.record_trained_template("qwen3")  # a built-in template keeps its name (its tokenization)
+    assert processor.default_template() == "qwen3"
+    save_model_dir(model, processor, tmp_path / "builtin")
+    assert default_template_name(tmp_path / "builtin") == "qwen3"
+
+    custom = tmp_path / "mine.jinja"
+    custom.write_text(JINJA_TEMPLATES["llm-jp-v1"].replace("ユーザー", "利用者"), encoding="utf-8")
+    processor.record_trained_template(str(custom))
+    save_model_dir(model, processor, tmp_path / "trained")
+    assert default_template_name(tmp_path / "trained") == "trained"
+    assert EvalSettings().template_for(tmp_path / "trained") == "trained"
+    assert EvalSettings(template="plain").template_for(tmp_path / "trained") == "plain"
+
+    pipe = VLMPipeline.from_pretrained(tmp_path / "trained")
+    assert pipe.template == "trained"
+    prompt = pipe.processor.render(
+        [{"role": "user", "content": "こんにちは"}], pipe.template, add_generation_prompt=True
+    )
+    assert "利用者" in prompt and "ユーザー" not in prompt

@@ -39,6 +39,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "image_size": [h, w],
         "image_tokens": config.image_tokens(h, w),
         "params": counts,
+        "llm": preset.llm,
+        "template": preset.template,
     }
     if args.json:
         print(json.dumps(info))
@@ -56,7 +58,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     console.print(
         f"image {h}x{w} -> {info['image_tokens']} image tokens (stride {stride}); "
         f"vision stages {config.vision_config.depths} widths {config.vision_config.hidden_sizes}; "
-        f"projector {config.projector_type}"
+        f"projector {config.projector_type}; LLM {preset.llm or '(random)'}, chat template {preset.template}"
     )
     return 0
 

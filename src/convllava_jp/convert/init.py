@@ -49,6 +49,19 @@ def make_processor(tokenizer, image_size: int, mode: str, stride: int) -> ConvLl
     )
 
 
+def _add_stop_ids(
+    model: ConvLlavaForConditionalGeneration, processor: ConvLlavaProcessor, template: str
+) -> None:
+    """The preset's template's end-of-turn token joins `generation_config.eos_token_id`, so plain
+    `model.generate` stops there too (`VLMPipeline` adds the template it is given on load)."""
+    config = model.generation_config
+    ids = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+    ids = [i for i in ids if i is not None]
+    ids += [i for i in processor.stop_token_ids(template) if i not in ids]
+    if ids:
+        config.eos_token_id = ids
+
+
 def _load_llm_into(model: ConvLlavaForConditionalGeneration, llm: str) -> None:
     """The causal LM's weights (and generation config) into `model.language_model`."""
     source = AutoModelForCausalLM.from_pretrained(llm, dtype=torch.float32)
@@ -117,5 +130,6 @@ def init_model(
     if torch_dtype is not None:
         model.to(torch_dtype)
     processor = make_processor(tok, p.image_size, p.image_mode, model.config.image_stride)
+    _add_stop_ids(model, processor, p.template)
     save_model_dir(model, processor, output_dir)
     return model

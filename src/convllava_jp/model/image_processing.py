@@ -44,6 +44,7 @@ class ConvLlavaImageProcessorKwargs(TypedDict, total=False):
     image_mean: list[float]
     image_std: list[float]
     max_pixels: int
+    max_image_tokens: int | None
 
 
 class ConvLlavaImageProcessor(BaseImageProcessor):
@@ -57,6 +58,8 @@ class ConvLlavaImageProcessor(BaseImageProcessor):
         stride: pixels per image token side (64 with stage 5, 32 without).
         image_mean, image_std: normalisation, CLIP's by default.
         max_pixels: images with more pixels are refused (see `load_image`).
+        max_image_tokens: ``keep-aspect`` only: the per-image token budget; a larger image is
+            scaled down, keeping its aspect, to at most this many tokens (None: no budget).
     """
 
     model_input_names = ["pixel_values", "image_sizes"]
@@ -70,6 +73,7 @@ class ConvLlavaImageProcessor(BaseImageProcessor):
         image_mean: Sequence[float] = CLIP_MEAN,
         image_std: Sequence[float] = CLIP_STD,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        max_image_tokens: int | None = None,
         **kwargs: Any,
     ) -> None:
         unknown = set(kwargs) - {"image_processor_type", "auto_map", "processor_class"}
@@ -87,6 +91,13 @@ class ConvLlavaImageProcessor(BaseImageProcessor):
             )
         mean, std = check_mean_std(image_mean, image_std)
         check_positive_int("max_pixels", max_pixels)
+        if max_image_tokens is not None:
+            check_positive_int("max_image_tokens", max_image_tokens)
+            if mode != "keep-aspect":
+                raise ConfigError(
+                    f"max_image_tokens applies to mode 'keep-aspect' only (mode is {mode!r}); "
+                    "crop and pad always make (image_size / stride)^2 tokens"
+                )
         # Plain lists and ints only: to_dict() deep-copies __dict__ straight into the JSON file.
         self.image_size: int | list[int] = size
         self.mode = mode
@@ -94,6 +105,7 @@ class ConvLlavaImageProcessor(BaseImageProcessor):
         self.image_mean = list(mean)
         self.image_std = list(std)
         self.max_pixels = max_pixels
+        self.max_image_tokens = max_image_tokens
 
     def __call__(
         self, images: ImageSource | Sequence[ImageSource], return_tensors: str | None = "pt"
@@ -125,15 +137,51 @@ class ConvLlavaImageProcessor(BaseImageProcessor):
             name = f"<bytes: image {index}>" if isinstance(source, (bytes, bytearray)) else None
             image = load_image(source, max_pixels=self.max_pixels, name=name)
             pixel_values.append(
-                preprocess(image, self.image_size, self.mode, self.stride, self.image_mean, self.image_std)
+                preprocess(
+                    image,
+                    self.image_size,
+                    self.mode,
+                    self.stride,
+                    self.image_mean,
+                    self.image_std,
+                    self.max_image_tokens,
+                )
             )
         image_sizes = torch.tensor([list(values.shape[-2:]) for values in pixel_values], dtype=torch.long)
         return BatchFeature({"pixel_values": stack_images(pixel_values), "image_sizes": image_sizes})
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H, W)`` of the pixel values this processor makes from a ``height x width`` image."""
-        return preprocessed_size(height, width, self.image_size, self.mode, self.stride)
+        return preprocessed_size(
+            height, width, self.image_size, self.mode, self.stride, self.max_image_tokens
+        )
 
     def num_image_tokens(self, height: int, width: int) -> int:
         """Image tokens the model makes for a ``height x width`` input image (before preprocessing)."""
         return image_token_count(*self.output_size(height, width), stride=self.stride)
+
+
+IMAGE_OPTION_KEYS = ("mode", "size", "max_tokens")
+
+
+def with_image_options(image_processor: ConvLlavaImageProcessor, options: dict) -> ConvLlavaImageProcessor:
+    """A copy of `image_processor` with a recipe stage's `image:` options ({mode, size, max_tokens}).
+
+    The stride, normalisation and pixel cap stay the model's. Raises ConfigError on an unknown key
+    or a bad value.
+    """
+    unknown = set(options) - set(IMAGE_OPTION_KEYS)
+    if unknown:
+        raise ConfigError(f"image: unknown keys {sorted(unknown)}; known: {', '.join(IMAGE_OPTION_KEYS)}")
+    mode = options.get("mode", image_processor.mode)
+    return ConvLlavaImageProcessor(
+        image_size=options.get("size", image_processor.image_size),
+        mode=mode,
+        stride=image_processor.stride,
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+        max_pixels=image_processor.max_pixels,
+        max_image_tokens=options.get(
+            "max_tokens", image_processor.max_image_tokens if mode == "keep-aspect" else None
+        ),
+    )
