@@ -286,6 +286,57 @@ def test_every_bad_record_kind_is_skipped_and_logged_with_file_and_line(tmp_path
     assert sum("line 7" in r.getMessage() and "wrong role" in r.getMessage() for r in caplog.records) == 1
 
 
+def test_image_paths_that_leave_the_image_root_are_skipped_unless_the_source_allows_them(tmp_path, processor):
+    root = tmp_path / "data"
+    _png(root / "img" / "ok.png")
+    secret = _png(tmp_path / "private" / "face.png", colour=(1, 2, 3))
+    (root / "linked").symlink_to(tmp_path / "private", target_is_directory=True)  # the owner's layout
+    (root / "img" / "figure.png").write_bytes(  # an EPS under a .png name
+        b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\nshowpage\n%%EOF\n"
+    )
+    conv = _conv("<image>\n何?", "円です。")
+    two = _conv("<image><image>\n何?", "円です。")
+    images = {
+        "inside": "img/ok.png",
+        "dotdot": "../private/face.png",
+        "absolute": str(secret),
+        "dotdot-back-in": "img/../img/ok.png",
+        "symlink": "linked/face.png",
+        "second-of-two": ["img/ok.png", "../private/face.png"],
+        "eps": "img/figure.png",
+    }
+    path = _write_jsonl(
+        root / "train.jsonl",
+        [
+            {"id": rid, "image": image, "conversations": two if isinstance(image, list) else conv}
+            for rid, image in images.items()
+        ],
+    )
+
+    def outcome(**source_kwargs) -> dict[str, str]:
+        dataset = _dataset(path, processor, **source_kwargs)
+        items = [dataset[i] for i in range(len(dataset))]
+        return {
+            rid: item.reason if isinstance(item, SkippedRecord) else "ok" for rid, item in zip(images, items)
+        }
+
+    outside = "image path outside the image root"
+    assert outcome() == {
+        "inside": "ok",
+        "dotdot": outside,
+        "absolute": outside,
+        "dotdot-back-in": outside,
+        "symlink": "ok",
+        "second-of-two": outside,
+        "eps": "bad image",
+    }
+    skipped = _dataset(path, processor)[1]
+    assert "../private/face.png" in skipped.detail and "allow_outside_root" in skipped.detail
+    assert "EPS is not an accepted image format" in _dataset(path, processor)[6].detail
+    allowed = outcome(allow_outside_root=True)
+    assert allowed == {rid: "bad image" if rid == "eps" else "ok" for rid in images}
+
+
 # --- fail fast on the wrong format ---------------------------------------------------------------
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import struct
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -19,6 +18,7 @@ import convllava_jp.data.images as images_module
 from convllava_jp.data.images import (
     CLIP_MEAN,
     CLIP_STD,
+    SAFE_IMAGE_FORMATS,
     image_token_count,
     load_image,
     preprocess,
@@ -62,20 +62,6 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
-def expand2square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
-    """LLaVA's expand2square (llava/mm_utils.py), copied as the reference for `pad`."""
-    width, height = image.size
-    if width == height:
-        return image
-    if width > height:
-        result = Image.new(image.mode, (width, width), background)
-        result.paste(image, (0, (width - height) // 2))
-        return result
-    result = Image.new(image.mode, (height, height), background)
-    result.paste(image, ((height - width) // 2, 0))
-    return result
-
-
 # --------------------------------------------------------------------------------------------------
 # crop = open_clip
 # --------------------------------------------------------------------------------------------------
@@ -113,11 +99,21 @@ def test_crop_region_path_matches_open_clip_within_one_grey_level(monkeypatch: p
         assert diff <= 1.01 * ONE_GREY_LEVEL, (width, height, size, diff)
 
 
-def test_crop_of_a_very_long_thin_image_is_cheap() -> None:
+def test_crop_of_a_very_long_thin_image_is_cheap(monkeypatch: pytest.MonkeyPatch) -> None:
     image = Image.new("RGB", (2, 100_000), (200, 10, 30))  # a full resize would be 1536 x 76.8M pixels
-    start = time.perf_counter()
+    made: list[tuple[int, int]] = []  # the size of every image a resize produces (counts, not time)
+    real_resize = Image.Image.resize
+
+    def counting_resize(
+        self: Image.Image, size: tuple[int, int], *args: object, **kwargs: object
+    ) -> Image.Image:
+        made.append(tuple(size))
+        assert size[0] * size[1] <= 1536 * 1536, f"a {size} resize: the whole image was resampled"
+        return real_resize(self, size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", counting_resize)
     pixels = preprocess(image, 1536)
-    assert time.perf_counter() - start < 2.0
+    assert made
     assert pixels.shape == (3, 1536, 1536)
     expected = (torch.tensor([200, 10, 30]) / 255 - torch.tensor(CLIP_MEAN)) / torch.tensor(CLIP_STD)
     assert torch.allclose(pixels[:, 768, 768], expected, atol=ONE_GREY_LEVEL)
@@ -128,12 +124,51 @@ def test_crop_of_a_very_long_thin_image_is_cheap() -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_pad_equals_llava_expand2square_then_resize() -> None:
-    fill = tuple(int(x * 255) for x in CLIP_MEAN)
-    for width, height in [(400, 200), (150, 380), (256, 256)]:
-        image = random_rgb(width, height, seed=width + height)
-        reference = image_transform(320, is_train=False)(expand2square(image, fill))
-        assert torch.equal(preprocess(image, 320, mode="pad"), reference)
+# `pad` of `smooth_rgb(w, h)` to 8x8 as uint8 RGB (row-major H, W, C) in hex. Computed once with
+# LLaVA's `expand2square` (llava/mm_utils.py, fill = int(255 * CLIP_MEAN) = (122, 116, 104)) followed
+# by open_clip's `image_transform(8, is_train=False)`, un-normalised back to 8 bits.
+PAD_GOLDEN = {
+    (48, 24): "7c76697b76697b76697a76697a76697976697976697876697269607469607769617969617c69627e696281696383"
+    "696317240d33241251241870241d8d2423ac2428ca242fe724330d5c0a2c5c0f4d5c156f5c1b8f5c21b15c28d25c2ff25c"
+    "340da2112ca2164da21c6fa2228fa228b1a22ed2a235f2a23a17d81e33d82251d82870d82d8dd833acd838cad83fe7d843"
+    "7280627480627780637980637c80647e80648180658380657c72697b72697b72697a72697a7269797269797269787269",
+    (19, 40): "7c75696f6c6025160c610d08ae0b0cd124257b75697a74687c75696f6f60253211612b0dae2b11d13c297b74697a"
+    "74687c75696f7161255115614e12ae4d16d1562d7b74697a74687c74696f7461256f1a616f17ae6f1bd170317b74697a74"
+    "687c74696f7662258d1e618f1cae9020d189357b74697a74687c73696f796225ab2361b121aeb225d1a3397b74687a7468"
+    "7c73696f7b6225ca2861d226aed42bd1bd3d7b73687a74687c72696f7e6325e72c61f22baef330d1d6407b73687a7468",
+}
+
+
+def as_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """A normalised (3, H, W) tensor back to (H, W, 3) uint8 (exact: the resize works in 8 bits)."""
+    mean, std = torch.tensor(CLIP_MEAN)[:, None, None], torch.tensor(CLIP_STD)[:, None, None]
+    return ((pixels * std + mean) * 255).round().permute(1, 2, 0).numpy().astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", sorted(PAD_GOLDEN))
+def test_pad_equals_llava_expand2square_then_resize(size: tuple[int, int]) -> None:
+    ours = as_uint8(preprocess(smooth_rgb(*size), 8, mode="pad"))
+    assert ours.tobytes().hex() == PAD_GOLDEN[size]
+
+
+@pytest.mark.parametrize(
+    "size,rows,cols",
+    [((5, 2), (1, 3), (0, 5)), ((4, 2), (1, 3), (0, 4)), ((2, 5), (0, 5), (1, 3)), ((3, 3), (0, 3), (0, 3))],
+)
+def test_pad_canvas_places_the_image_like_expand2square(
+    size: tuple[int, int], rows: tuple[int, int], cols: tuple[int, int]
+) -> None:
+    # With the target the canvas size, the resize is the identity and the canvas shows: the image at
+    # offset (long - short) // 2 (LLaVA: the odd extra row / column goes below / right), the rest
+    # LLaVA's fill (122, 116, 104).
+    width, height = size
+    side = max(size)
+    image = random_rgb(width, height, seed=7)
+    canvas = as_uint8(preprocess(image, side, mode="pad"))
+    expected = np.empty((side, side, 3), dtype=np.uint8)
+    expected[...] = (122, 116, 104)
+    expected[rows[0] : rows[1], cols[0] : cols[1]] = np.asarray(image)
+    assert np.array_equal(canvas, expected)
 
 
 def test_pad_centers_content_and_fills_with_the_mean_colour() -> None:
@@ -251,8 +286,9 @@ def test_other_modes_convert_to_rgb(mode: str) -> None:
     image = random_rgb(20, 10).convert(mode) if mode not in ("I;16", "I", "F") else None
     if image is None:
         image = Image.fromarray((np.arange(200).reshape(10, 20) * 300).astype(np.uint16)).convert(mode)
-    fmt = "TIFF" if mode in ("CMYK", "I", "F") else "PNG"
-    loaded = load_image(encode(image, fmt))
+    # CMYK as JPEG; 32-bit integer / float images have no accepted format: in memory (as a loader gives them)
+    source = image if mode in ("I", "F") else encode(image, "JPEG" if mode == "CMYK" else "PNG")
+    loaded = load_image(source)
     assert loaded.mode == "RGB" and loaded.size == (20, 10)
 
 
@@ -349,3 +385,111 @@ def test_bad_source_type_and_bad_max_pixels() -> None:
         load_image(42)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_pixels"):
         load_image(b"", max_pixels=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Only the accepted formats are ever decoded
+# --------------------------------------------------------------------------------------------------
+
+# A real EPS with a small BoundingBox: 8x8 pixels passes any pixel limit, and Pillow's `load()` of it
+# would run Ghostscript on the PostScript program (here one line; could be an endless loop).
+EPS_BYTES = (
+    b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
+    b"0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+)
+# A real 3x2 RGB Photoshop file (header, empty sections, raw planes): Pillow's PSD plugin reads it.
+PSD_BYTES = (
+    b"8BPS\x00\x01"
+    + b"\0" * 6
+    + b"\x00\x03"
+    + (2).to_bytes(4, "big")
+    + (3).to_bytes(4, "big")
+    + b"\x00\x08\x00\x03"
+    + b"\0" * 12
+    + b"\x00\x00"
+    + bytes(range(18))
+)
+
+
+def refused_samples() -> dict[str, bytes]:
+    small = random_rgb(6, 4)
+    return {
+        "EPS": EPS_BYTES,
+        "PSD": PSD_BYTES,
+        "TIFF": encode(small, "TIFF"),
+        "ICO": encode(small, "ICO"),
+        "PPM": encode(small, "PPM"),
+        "JPEG2000": encode(small, "JPEG2000"),
+        "PDF": encode(small, "PDF"),
+        "SVG": b'<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>',
+    }
+
+
+@pytest.fixture
+def only_safe_plugins(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every plugin outside SAFE_IMAGE_FORMATS fail the test if it is asked to open anything."""
+    Image.init()
+    tried: list[str] = []
+    for image_format, (_factory, accept) in list(Image.OPEN.items()):
+        if image_format in SAFE_IMAGE_FORMATS:
+            continue
+
+        def refusing_factory(*args: object, _format: str = image_format, **kwargs: object) -> None:
+            tried.append(_format)
+            raise AssertionError(f"the {_format} plugin was asked to open an image")
+
+        monkeypatch.setitem(Image.OPEN, image_format, (refusing_factory, accept))
+    return tried
+
+
+def test_the_accepted_formats_decode() -> None:
+    image = random_rgb(6, 4)
+    for fmt, kwargs in [("PNG", {}), ("BMP", {}), ("GIF", {}), ("WEBP", {"lossless": True})]:
+        assert np.array_equal(np.asarray(load_image(encode(image, fmt, **kwargs))), np.asarray(image)), fmt
+    for fmt in ("JPEG", "MPO"):  # MPO: a phone camera's JPEG with extra frames
+        assert load_image(encode(image, fmt)).size == (6, 4)
+
+
+def test_an_animated_gif_gives_its_first_frame() -> None:
+    frames = [Image.new("RGB", (4, 4), (255, 0, 0)), Image.new("RGB", (4, 4), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    assert load_image(buffer.getvalue()).getpixel((1, 1)) == (255, 0, 0)
+
+
+@pytest.mark.parametrize("image_format", list(refused_samples()))
+def test_other_formats_are_refused_by_name_without_their_plugin(
+    image_format: str, only_safe_plugins: list[str], tmp_path: Path
+) -> None:
+    data = refused_samples()[image_format]
+    path = tmp_path / "upload.png"  # the name says PNG; the bytes decide
+    path.write_bytes(data)
+    for source, label in [(data, "<bytes>"), (path, str(path)), (io.BytesIO(data), "<BytesIO>")]:
+        with pytest.raises(ImageError) as caught:
+            load_image(source)
+        message = str(caught.value)
+        assert message.startswith(f"{label}: {image_format} is not an accepted image format"), message
+        assert "PNG, JPEG" in message
+    assert only_safe_plugins == []
+
+
+def test_an_opened_pil_image_of_another_format_is_refused_before_it_is_decoded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from PIL import EpsImagePlugin
+
+    decoded: list[str] = []
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "load", lambda self, *a, **k: decoded.append("EPS"))
+    opened = Image.open(io.BytesIO(EPS_BYTES))  # as a custom dataset or datasets' decoder would
+    with pytest.raises(ImageError, match="<PIL image>: EPS is not an accepted image format"):
+        load_image(opened)
+    assert decoded == []
+    in_memory = Image.new("RGB", (3, 3), (1, 2, 3))  # built in memory: no format, nothing to decode
+    assert load_image(in_memory).getpixel((0, 0)) == (1, 2, 3)
+
+
+def test_a_corrupt_header_of_an_accepted_format_says_so() -> None:
+    with pytest.raises(
+        ImageError, match="<bytes>: not an image: looks like PNG but its header cannot be read"
+    ):
+        load_image(b"\x89PNG\r\n\x1a\n" + b"\0" * 30)

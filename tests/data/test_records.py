@@ -87,3 +87,30 @@ def test_hf_image_columns_stay_encoded(tmp_path):
     assert isinstance(row["image"]["bytes"], bytes)
     assert [isinstance(page["bytes"], bytes) for page in row["pages"]] == [True, True]
     assert row["name"] == "x"
+
+
+def test_hf_image_columns_nested_in_structs_and_lists_stay_encoded():
+    # datasets' own decoder opens cells with every Pillow plugin: no Image feature may keep decode=True.
+    import datasets
+    from PIL import Image
+
+    image = Image.new("RGB", (4, 4), (200, 0, 0))
+    features = datasets.Features(
+        {
+            "doc": {"scan": datasets.Image(), "title": datasets.Value("string")},
+            "turns": datasets.List({"picture": datasets.Image(), "text": datasets.Value("string")}),
+            "grid": datasets.List(datasets.List(datasets.Image())),
+        }
+    )
+    ds = datasets.Dataset.from_dict(
+        {
+            "doc": [{"scan": image, "title": "t"}],
+            "turns": [[{"picture": image, "text": "a"}]],
+            "grid": [[[image], [image, image]]],
+        },
+        features,
+    )
+    row = undecoded_images(ds)[0]
+    assert isinstance(row["doc"]["scan"]["bytes"], bytes) and row["doc"]["title"] == "t"
+    assert isinstance(row["turns"][0]["picture"]["bytes"], bytes)
+    assert [isinstance(cell["bytes"], bytes) for line in row["grid"] for cell in line] == [True] * 3

@@ -89,7 +89,7 @@ class RunningServer:
     can boot in parallel while other tests run).
     """
 
-    def __init__(self, args: list[str], log_path: Path):
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -99,7 +99,7 @@ class RunningServer:
             command(*args, "--port", str(self.port), "--num-threads", "1", "--device", "cpu"),
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env=subprocess_env(),
+            env={**subprocess_env(), **(env or {})},
         )
 
     def wait_ready(self, timeout: float = 120.0) -> RunningServer:

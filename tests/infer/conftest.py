@@ -87,8 +87,10 @@ def _servers(request, model_dir, image_dir, tmp_path_factory) -> Iterator[dict[s
     if "webui" in wanted and importlib.util.find_spec("gradio") is None:
         wanted.discard("webui")
     logs = tmp_path_factory.mktemp("logs")
+    # the web UI takes its key from the environment (what `serve` reads too); the page asks for it
+    envs = {"webui": {"CONVLLAVA_API_KEY": API_KEY}}
     servers = {
-        name: RunningServer(_server_args(name, model_dir, image_dir), logs / f"{name}.log")
+        name: RunningServer(_server_args(name, model_dir, image_dir), logs / f"{name}.log", envs.get(name))
         for name in sorted(wanted)
     }
     yield servers

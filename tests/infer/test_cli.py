@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -78,42 +79,56 @@ def read_output(path: Path) -> list[dict]:
 
 
 def test_predict_resumes_after_a_real_kill(model_dir, pipeline, images, tmp_path):
-    image_dir = images[0].parent
-    inp = image_dir / "questions_kill.jsonl"
-    records = write_questions(inp, images, 40)
+    # Record q5's image is a named pipe: opening it blocks until someone writes to it, so the run
+    # stops exactly in the batch [q4, q5] after writing q0..q3, and is killed there (no timing race).
+    for image in images:
+        (tmp_path / image.name).write_bytes(image.read_bytes())
+    inp = tmp_path / "questions_kill.jsonl"
+    records = write_questions(inp, images, 12)
+    gate = tmp_path / "gate.png"
+    os.mkfifo(gate)
+    records[5]["image"] = gate.name
+    inp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
     out = tmp_path / "answers.jsonl"
     args = ["predict", "--model", str(model_dir), "--input", str(inp), "--output", str(out)]
     args += ["--batch-size", "2", "--max-new-tokens", str(TOKENS), "--num-threads", "1", "--device", "cpu"]
     proc = subprocess.Popen(
         command(*args), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and out.read_text(encoding="utf-8").count("\n") >= 4:
-            break
-        time.sleep(0.01)
-    if proc.poll() is not None:
-        pytest.fail(
-            f"predict finished (rc {proc.returncode}) before it could be killed: {proc.stderr.read()[-2000:]}"
-        )
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
-    proc.stderr.close()
+    try:
+        wait_for_lines(out, 4, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stderr.close()
     written = read_output(out)
-    assert 4 <= len(written) < len(records)
+    assert [r["id"] for r in written] == ["q0", "q1", "q2", "q3"]
 
+    gate.unlink()
+    gate.write_bytes(images[1].read_bytes())
     second = run(*args[:-4])
     assert second.returncode == 0, second.stderr
     assert "resuming" in second.stderr
     final = read_output(out)
     assert [r["id"] for r in final] == [r["id"] for r in records]  # each once, in order
     assert final[: len(written)] == written  # nothing written before the kill was redone
-    want = expected_answers(pipeline, records, image_dir)
+    want = expected_answers(pipeline, records, tmp_path)
     assert {r["id"]: r["answer"] for r in final} == want
     assert all(r["finish_reason"] == "length" and r["completion_tokens"] == TOKENS for r in final)
 
     assert cli.main(args) == 0  # all done: nothing to do, file unchanged
     assert read_output(out) == final
+
+
+def wait_for_lines(path: Path, n: int, proc: subprocess.Popen, limit_s: float = 120) -> None:
+    """Until `path` has `n` complete lines (the limit only turns a hang into a failure)."""
+    deadline = time.monotonic() + limit_s
+    while not (path.exists() and path.read_text(encoding="utf-8").count("\n") >= n):
+        if proc.poll() is not None:
+            pytest.fail(f"predict ended (rc {proc.returncode}) early: {proc.stderr.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"predict wrote fewer than {n} lines in {limit_s} s")
+        time.sleep(0.02)
 
 
 def test_predict_cuts_a_torn_line_and_reports_bad_records(model_dir, pipeline, images, tmp_path, caplog):
@@ -138,6 +153,10 @@ def test_predict_cuts_a_torn_line_and_reports_bad_records(model_dir, pipeline, i
     argv = ["predict", "--model", str(model_dir), "--input", str(inp), "--output", str(out)]
     assert cli.main([*argv, "--max-new-tokens", str(TOKENS), "--device", "cpu"]) == 1
     assert "missing.png" in caplog.text and "record q3" in caplog.text
+    (listed,) = [
+        json.loads(line) for line in text_lines((tmp_path / "answers.errors.jsonl").read_text("utf-8"))
+    ]
+    assert listed["id"] == "q3" and listed["line"] == 4 and "missing.png" in listed["error"]
     final = read_output(out)
     assert [r["id"] for r in final] == ["q0", "q1", "q2", "q4", "q5"]
     assert final[0] == first

@@ -234,6 +234,24 @@ BAD_INPUTS = {
     "too_many_images": ("images", 3, 400, "too_many_images"),
     "image_token_in_text": ("question", "<image> 何ですか", 400, "messages.0.content"),
     "body_too_large": ("padding", 2 * 2**20, 413, "request_too_large"),
+    # values no sampler can honour: refused, naming the field
+    "seed_too_large": ("seed", 2**64, 400, "seed"),
+    "seed_negative": ("seed", -1, 400, "seed"),
+    "repetition_penalty_tiny": ("repetition_penalty", 1e-300, 400, "repetition_penalty"),
+    "temperature_nan": (
+        b'{"model": "tiny-test", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        400,
+        "temperature",
+    ),
+    "top_p_infinite": (
+        b'{"model": "tiny-test", "messages": [{"role": "user", "content": "x"}], "top_p": Infinity}',
+        400,
+        "top_p",
+    ),
+    "too_many_stops": ("stop", [str(i) for i in range(17)], 400, "stop"),
+    "stop_too_long": ("stop", ["x" * 257], 400, "stop"),
+    "deeply_nested_json": (b"[" * 100_000, 400, "invalid_json"),
+    "deeply_nested_field": (b'{"model": "tiny-test", "messages": ' + b"[" * 100_000, 400, "invalid_json"),
 }
 
 
@@ -358,3 +376,97 @@ def test_disconnected_stream_frees_its_slot(server):
             break
         time.sleep(0.05)
     assert health["running"] == 0 and health["stats"]["cancelled"] > before
+
+
+def test_sampling_is_not_forced_to_greedy(server, pipeline, images):
+    """Seeded samples repeat, differ between seeds and differ from the greedy answer (greedy decoding
+    forced on every request would pass a check that only compares two seeded samples)."""
+    greedy = expected(pipeline, images[0], max_new_tokens=16).text
+
+    def sample(seed: int, temperature: float = 1.3) -> str:
+        body = good_body(images[0], temperature=temperature, seed=seed, max_tokens=16)
+        response = post(server, body)
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    first = [sample(seed) for seed in (1, 2, 3)]
+    assert first == [sample(seed) for seed in (1, 2, 3)]
+    assert len(set(first)) > 1 and greedy not in first
+    assert sample(1, temperature=0.001) == greedy  # below the temperature floor: greedy
+
+
+HOSTILE = {
+    # name: (extra fields, expected status); 200 ones are mapped to documented behaviour
+    "seed_2_64": ({"seed": 2**64, "temperature": 1}, 400),
+    "temperature_1e-38": ({"temperature": 1e-38}, 200),
+    "temperature_min_float": ({"temperature": 5e-324}, 200),
+    "top_p_tiny": ({"temperature": 2, "top_p": 1e-300, "seed": 3}, 200),
+    "repetition_penalty_tiny": ({"temperature": 2, "repetition_penalty": 1e-300}, 400),
+    "repetition_penalty_max": ({"temperature": 2, "repetition_penalty": 10, "top_p": 1e-9}, 200),
+    "long_stops": ({"stop": ["あ" * 256] * 16}, 200),
+}
+
+
+def test_hostile_values_never_disturb_concurrent_good_requests(server, pipeline, images):
+    n_good = 4
+    want = [expected(pipeline, images[i], max_new_tokens=12).text for i in range(n_good)]
+    names = list(HOSTILE)
+    outcome: dict[str, int] = {}
+    answers: list[list[str | None]] = []
+    barrier_size = n_good + 1
+
+    def run(target, *args):
+        thread = threading.Thread(target=target, args=args)
+        thread.start()
+        return thread
+
+    for name in names:
+        extra, _ = HOSTILE[name]
+        barrier = threading.Barrier(barrier_size)
+        got: list[str | None] = [None] * n_good
+
+        def good(i: int, barrier=barrier, got=got) -> None:
+            barrier.wait(timeout=30)
+            response = post(server, good_body(images[i], temperature=0, max_tokens=12))
+            got[i] = (
+                response.json()["choices"][0]["message"]["content"] if response.status_code == 200 else None
+            )
+
+        def hostile(name=name, extra=extra, barrier=barrier) -> None:
+            barrier.wait(timeout=30)
+            outcome[name] = post(server, good_body(images[0], max_tokens=12, **extra)).status_code
+
+        threads = [run(good, i) for i in range(n_good)] + [run(hostile)]
+        for t in threads:
+            t.join(120)
+        answers.append(got)
+    assert outcome == {name: status for name, (_, status) in HOSTILE.items()}
+    assert answers == [want] * len(names)
+    assert server.health()["stats"]["failed"] == 0
+
+
+def test_post_bodies_must_be_declared_json(server, images):
+    body = json.dumps(good_body(images[0], temperature=0)).encode()
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+        extra = {"Content-Type": content_type} if content_type else {}
+        response = httpx.post(
+            server.url + "/v1/chat/completions", content=body, headers={**headers, **extra}, timeout=60
+        )
+        assert response.status_code == 415, (content_type, response.text)
+        assert response.json()["error"]["code"] == "unsupported_media_type"
+    ok = {**headers, "Content-Type": "application/json; charset=utf-8"}
+    assert (
+        httpx.post(server.url + "/v1/chat/completions", content=body, headers=ok, timeout=60).status_code
+        == 200
+    )
+
+
+def test_a_loopback_server_answers_only_loopback_host_names(server):
+    port = server.url.rsplit(":", 1)[1]
+    for host in ("evil.example", f"evil.example:{port}", "192.168.1.10", "127.0.0.1.evil.example"):
+        response = httpx.get(server.url + "/health", headers={"Host": host}, timeout=10)
+        assert response.status_code == 400, host
+        assert response.json()["error"]["code"] == "invalid_host"
+    for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}"):
+        assert httpx.get(server.url + "/health", headers={"Host": host}, timeout=10).status_code == 200, host

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -75,6 +76,28 @@ def start_held_train(recipe: Path, log_path: Path, *args: str) -> subprocess.Pop
     )
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(n_procs: int, *args: str) -> list[str]:
+    """The command line of `torch.distributed.run` starting `n_procs` local processes (gloo on CPU)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(n_procs),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        *args,
+    ]
+
+
 def losses_by_step(stage_dir: Path) -> dict[int, float]:
     """Per-step training losses from a finished stage's log_history.json."""
     history = json.loads((stage_dir / "log_history.json").read_text())
@@ -82,11 +105,14 @@ def losses_by_step(stage_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="session")
-def broken_stage1(tiny_world: Path, tiny_model_dir: Path, tmp_path_factory) -> Path:
+def broken_stage1(tiny_world: Path, tiny_model_dir: Path) -> Path:
     """The tiny world's captions with 3 records whose image is missing (skipped, counted).
 
-    The broken records replace the ones the sampler (batch 4, seed 0) draws first at steps 2, 5
-    and 6 (test_resume relies on 5 and 6 falling between checkpoint-4 and the kill). A record's
+    The broken records replace ones the sampler (batch 4, seed 0) draws at steps 2, 5 and 6
+    (test_resume relies on 5 and 6 falling between checkpoint-4 and the kill): at step 2 the first
+    of the batch, at steps 5 and 6 the last. Split over two processes (per-device batch 2), the
+    first goes to rank 0 and the last to rank 1 (whether the global batch is cut in halves or
+    dealt out alternately), so test_distributed sees skips made in both processes. A record's
     sampling length does not depend on its image path, so replacing keeps the order.
     """
     from convllava_jp.data.dataset import ConversationDataset
@@ -95,15 +121,13 @@ def broken_stage1(tiny_world: Path, tiny_model_dir: Path, tmp_path_factory) -> P
     from convllava_jp.model.processing import ConvLlavaProcessor
 
     records = json.loads((tiny_world / "stage1.json").read_text(encoding="utf-8"))
-    for r in records:
-        r["image"] = str(tiny_world / r["image"])
-    path = tmp_path_factory.mktemp("broken") / "stage1_broken.json"
+    path = tiny_world / "stage1_broken.json"  # beside the images: their paths stay relative
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
     processor = ConvLlavaProcessor.from_pretrained(tiny_model_dir)
     dataset = ConversationDataset([DataSource(path)], processor, "plain", TEST_DEFAULTS["max_length"])
     order = list(ModalityLengthGroupedSampler(dataset.lengths, 4, seed=0))
-    for k, step in enumerate((2, 5, 6)):
-        i = order[4 * (step - 1)]
-        records[i] = dict(records[i], id=f"broken_{k}", image=str(tiny_world / f"images/missing_{k}.png"))
+    for k, (step, position) in enumerate([(2, 0), (5, 3), (6, 3)]):
+        i = order[4 * (step - 1) + position]
+        records[i] = dict(records[i], id=f"broken_{k}", image=f"images/missing_{k}.png")
     path.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
     return path

@@ -1,11 +1,10 @@
-"""Two CPU processes over gloo (torchrun) give the same run as one process with the same global batch."""
+"""Two CPU processes over gloo (torchrun), or one process accumulating 2 micro-batches, give the same
+run as one process with the same global batch."""
 
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,12 @@ from safetensors.torch import load_file
 from convllava_jp.train.recipe import load_recipe
 from convllava_jp.train.stages import train_recipe
 
-from .conftest import cli_env, losses_by_step, write_recipe
+from .conftest import cli_env, losses_by_step, torchrun, write_recipe
 
 STEPS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_gloo_processes_match_one_process(broken_stage1, tiny_model_dir, tmp_path):
+def test_two_gloo_processes_and_accumulation_match_one_process(broken_stage1, tiny_model_dir, tmp_path):
     stage = {
         "data": [{"path": str(broken_stage1)}],  # 3 broken records, met at steps 2, 5 and 6
         "template": "plain",
@@ -43,26 +36,8 @@ def test_two_gloo_processes_match_one_process(broken_stage1, tiny_model_dir, tmp
 
     # Two processes: the same global batch of 4 -> per-device batch 2 each.
     log_path = tmp_path / "torchrun.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        "-m",
-        "convllava_jp.cli",
-        "train",
-        "--recipe",
-        str(recipe),
-        "--stage",
-        "1",
-        "--set",
-        f"output_dir={tmp_path / 'two'}",
-    ]
+    cmd = torchrun(2, "-m", "convllava_jp.cli", "train", "--recipe", str(recipe), "--stage", "1")
+    cmd += ["--set", f"output_dir={tmp_path / 'two'}"]
     with open(log_path, "wb") as out:
         proc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=cli_env(), timeout=300)
     log_text = log_path.read_text()
@@ -93,6 +68,17 @@ def test_two_gloo_processes_match_one_process(broken_stage1, tiny_model_dir, tmp
     moved = max(float((w1[k] - w0).abs().max()) for k, w0 in _init_weights(tiny_model_dir).items() if k in w1)
     assert moved > 1e-3  # the weights did change
     assert worst < 1e-4, f"2-process weights differ from 1-process ones by up to {worst}"
+
+    # One process, per-device batch 2 and 2 accumulation steps: the same global batch, the same run.
+    accumulated = load_recipe(recipe, [f"output_dir={tmp_path / 'accum'}", "stages.1.per_device_batch=2"])
+    assert accumulated.stages["1"].batch_plan(1) == (2, 2)
+    (result_accum,) = train_recipe(accumulated, "1")
+    accum = tmp_path / "accum" / "stage1"
+    assert (result_accum.steps, result_accum.samples, result_accum.skipped) == (STEPS, STEPS * 4, 3)
+    assert losses_by_step(accum) == pytest.approx(losses_one, rel=1e-4)
+    wa = load_file(str(accum / "model" / "model.safetensors"))
+    worst = max(float((w1[k] - wa[k]).abs().max()) for k in w1)
+    assert worst < 1e-4, f"weights with accumulation differ from those without by up to {worst}"
 
 
 def _init_weights(model_dir: Path) -> dict:

@@ -109,6 +109,22 @@ def test_vars_point_the_recipe_at_local_data():
     assert recipe.stages["3"].lora.r == 64 and recipe.stages["3"].lora.bits is None
 
 
+def test_a_data_source_may_allow_image_paths_outside_its_root(tmp_path):
+    from convllava_jp.data.records import DataSource
+
+    assert all(not d.allow_outside_root for d in load_recipe("convllava-jp-1.3b-768").stages["2"].data)
+    (tmp_path / "r.yaml").write_text(
+        "name: t\nmodel: {init: /m}\noutput_dir: /o\nstages:\n"
+        "  '1': {data: [{path: /d/a.json, allow_outside_root: true}, {path: /d/b.json}], max_steps: 1}\n",
+        encoding="utf-8",
+    )
+    data = load_recipe(tmp_path / "r.yaml").stages["1"].data
+    assert [d.allow_outside_root for d in data] == [True, False]
+    assert data[0].image_path("/elsewhere/x.png").as_posix() == "/elsewhere/x.png"
+    with pytest.raises(ConfigError, match="allow_outside_root must be true or false"):
+        DataSource("/d/a.json", allow_outside_root="yes")
+
+
 def test_numbers_in_exponent_notation_and_bad_numbers():
     # PyYAML reads `2e-3` (no dot) as text; the recipe must still take it as a number.
     recipe = load_recipe("tiny-synthetic", ["stages.3.lr=2e-3", "stages.1.lr_multipliers.vision=1e-1"])

@@ -10,6 +10,8 @@ an uninterrupted run of the same recipe.
 from __future__ import annotations
 
 import json
+import logging
+import os
 import signal
 import subprocess
 import time
@@ -24,7 +26,15 @@ from convllava_jp.train.checkpoints import SKIP_STATE_NAME, complete_checkpoints
 from convllava_jp.train.recipe import load_recipe
 from convllava_jp.train.stages import train_recipe
 
-from .conftest import losses_by_step, start_held_train, start_train, write_recipe
+from .conftest import (
+    HOLD_RUNNER,
+    cli_env,
+    losses_by_step,
+    start_held_train,
+    start_train,
+    torchrun,
+    write_recipe,
+)
 
 MAX_STEPS = 16
 SAVE_STEPS = 4
@@ -161,3 +171,76 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(
     _run_to_end(recipe, log_path)
     assert not staging.exists()
     _assert_same_run(stage_dir, reference)
+
+
+def test_two_processes_killed_during_a_save_resume_on_the_same_curve(
+    reference, tiny_model_dir, broken_stage1, tmp_path
+):
+    """Under torchrun (2 gloo processes): killed with checkpoint-8 staged, resumed from checkpoint-4.
+
+    The staged checkpoint (each rank's files gathered before the publish) must stay invisible, and
+    the skip counts restored from checkpoint-4 must be the ones both processes made.
+    """
+    stage = {**_stage(broken_stage1), "global_batch": 4}  # 2 processes x per-device batch 2
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "runs", tiny_model_dir, {"1": stage})
+    stage_dir = tmp_path / "runs" / "stage1"
+    run_dir = stage_dir / "checkpoints"
+    log_path = tmp_path / "train.log"
+    with open(log_path, "ab") as out:
+        proc = subprocess.Popen(
+            torchrun(2, str(HOLD_RUNNER), str(recipe), "--stage", "1", "--before-publish", "8"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=cli_env(),
+            start_new_session=True,  # torchrun and both workers: one process group to kill
+        )
+    try:
+        _wait_for(run_dir / ".staging-8" / "HELD", proc, log_path)
+        staged = run_dir / ".staging-8" / "checkpoint-8"
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in staged.iterdir()}
+        assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-4"]
+        assert json.loads((run_dir / "checkpoint-4" / SKIP_STATE_NAME).read_text())["counts"] == {
+            "missing image": 1
+        }
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert not (run_dir / "checkpoint-8").exists()
+
+    with open(log_path, "ab") as out:
+        cmd = torchrun(2, "-m", "convllava_jp.cli", "train", "--recipe", str(recipe), "--stage", "1")
+        done = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=cli_env(), timeout=WAIT_SECONDS)
+    log_text = log_path.read_text()
+    assert done.returncode == 0, log_text[-3000:]
+    assert "resuming from" in log_text and "checkpoint-4" in log_text
+    assert losses_by_step(stage_dir) == pytest.approx(losses_by_step(reference), rel=1e-4)
+    ref_skips = sorted((reference / "skipped.jsonl").read_text().splitlines())
+    assert sorted((stage_dir / "skipped.jsonl").read_text().splitlines()) == ref_skips  # none twice
+    assert json.loads((stage_dir / "result.json").read_text())["skipped"] == 3
+
+
+def test_no_resume_starts_the_stage_over(tiny_model_dir, tiny_world, tmp_path, caplog):
+    from convllava_jp import cli
+
+    stage = {
+        "data": [{"path": str(tiny_world / "stage1.json")}],
+        "template": "plain",
+        "trainable": ["projector"],
+        "max_steps": 2,
+        "save_steps": 1,
+    }
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "runs", tiny_model_dir, {"1": stage})
+    stage_dir = tmp_path / "runs" / "stage1"
+    assert cli.main(["train", "--recipe", str(recipe)]) == 0
+    first = load_file(str(stage_dir / "model" / "model.safetensors"))
+    (stage_dir / "checkpoints" / "checkpoint-2" / "marker").write_text("from the first run")
+    with caplog.at_level(logging.INFO, logger="convllava_jp"):
+        assert cli.main(["train", "--recipe", str(recipe)]) == 0  # finished: skipped
+        assert "already finished" in caplog.text
+        caplog.clear()
+        assert cli.main(["train", "--recipe", str(recipe), "--no-resume"]) == 0
+    assert "already finished" not in caplog.text and "resuming from" not in caplog.text
+    assert "starting over; removing 2 old checkpoints" in caplog.text
+    assert not (stage_dir / "checkpoints" / "checkpoint-2" / "marker").exists()  # a new checkpoint-2
+    again = load_file(str(stage_dir / "model" / "model.safetensors"))
+    assert again.keys() == first.keys() and all(torch.equal(again[k], first[k]) for k in first)

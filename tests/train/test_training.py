@@ -112,20 +112,21 @@ def _next_token_accuracy(model_dir: Path, batch: dict) -> float:
 def test_short_training_lowers_the_loss_and_beats_chance_on_held_out_captions(
     tiny_world, tiny_model_dir, tmp_path
 ):
-    """60 steps on the training captions: the loss falls and held-out captions are predicted far
+    """24 steps on the training captions: the loss falls and held-out captions are predicted far
     above chance (the most frequent caption token) and far above the untrained model.
 
-    This checks that training works and generalises; it does not check image grounding: from a
-    random start the tiny model needs far more steps before answers depend on the image, so
-    held-out answer accuracy is measured and printed by the demo, not asserted by a timed test.
+    This checks that training works and generalises, with the vision tower frozen (the backward
+    pass through it is most of the cost). It does NOT test image grounding: the captions' wording
+    is learnable from the text alone, and from a random start the tiny model needs far more steps
+    before answers depend on the image; held-out answer accuracy is measured by the demo.
     """
     stage = {
         "data": [{"path": str(tiny_world / "stage1.json")}],
         "template": "plain",
-        "trainable": ["vision", "projector", "llm"],
+        "trainable": ["projector", "llm"],
         "lr": 3.0e-3,
         "per_device_batch": 8,
-        "max_steps": 60,
+        "max_steps": 24,
         "warmup_ratio": 0.05,
     }
     recipe = load_recipe(
@@ -135,7 +136,7 @@ def test_short_training_lowers_the_loss_and_beats_chance_on_held_out_captions(
 
     history = json.loads((tmp_path / "runs" / "stage1" / "log_history.json").read_text())
     losses = [h["loss"] for h in history if "loss" in h]
-    assert len(losses) == 60
+    assert len(losses) == 24
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.3 * first, f"loss {first:.3f} -> {last:.3f}"
 

@@ -35,6 +35,7 @@ from .skips import (
     BAD_IMAGE,
     BAD_TURN,
     EMPTY_CONVERSATION,
+    IMAGE_OUTSIDE_ROOT,
     MISSING_IMAGE,
     NO_LABELS,
     TAG_MISMATCH,
@@ -107,7 +108,13 @@ class ConversationDataset(Dataset):
         *,
         min_japanese_fraction: float = 0.3,
     ) -> None:
-        if template not in TEMPLATE_NAMES:
+        check_template = getattr(processor, "check_template", None)  # names, files, {% generation %}
+        if check_template is not None:
+            try:
+                check_template(template, training=True)
+            except TemplateError as exc:
+                raise ConfigError(str(exc)) from exc
+        elif template not in TEMPLATE_NAMES:
             raise ConfigError(f"unknown chat template {template!r}; choose from {', '.join(TEMPLATE_NAMES)}")
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
             raise ConfigError(f"max_length must be a positive int, got {max_length!r}")
@@ -228,7 +235,6 @@ class ConversationDataset(Dataset):
         return {"input_ids": input_ids, "labels": list(input_ids), "pixel_values": []}
 
     def _load_images(self, images: list[Any], source: DataSource) -> list[torch.Tensor]:
-        root = source.resolved_image_root
         resolved = []
         for image in images:
             if isinstance(image, dict):  # datasets.Image(decode=False): {"bytes", "path"}
@@ -237,7 +243,10 @@ class ConversationDataset(Dataset):
                     continue
                 image = image.get("path")
             if isinstance(image, str) and image:
-                path = root / image
+                try:
+                    path = source.image_path(image)
+                except DataError as exc:
+                    raise _Skip(IMAGE_OUTSIDE_ROOT, str(exc)) from None
                 if not path.is_file():
                     raise _Skip(MISSING_IMAGE, f"{path}: no such image file")
                 resolved.append(str(path))

@@ -1,7 +1,9 @@
 """Images: safe loading, CLIP-style preprocessing and the image-token count.
 
 `load_image` turns a path / bytes / file object / PIL image into a fully decoded RGB image, or
-raises `ImageError` naming the file (missing, not an image, truncated, too many pixels).
+raises `ImageError` naming the file (missing, not an image, not an accepted format, truncated, too
+many pixels). Only the raster formats in `image_formats.SAFE_IMAGE_FORMATS` are ever decoded: every
+place that reads an image (server, web UI, predict, chat, evaluation, training data, demo) comes here.
 
 `preprocess` turns an RGB image into a normalised `(3, H, W)` float32 tensor in one of three modes:
 
@@ -28,10 +30,11 @@ from collections.abc import Sequence
 from typing import IO
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from torchvision.transforms import functional as TF
 
 from ..errors import ConfigError, ImageError
+from .image_formats import OPENERS, SAFE_IMAGE_FORMATS, refused_format_message, unidentified_message
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +89,10 @@ def load_image(
     check_positive_int("max_pixels", max_pixels)
     label = name if name is not None else _source_label(source)
     if isinstance(source, Image.Image):
+        # An image another loader opened (e.g. a custom dataset) is still undecoded until `load()`:
+        # only an image built in memory (not an ImageFile) or one of the safe formats is decoded.
+        if isinstance(source, ImageFile.ImageFile) and source.format not in SAFE_IMAGE_FORMATS:
+            raise ImageError(refused_format_message(label, source.format or "unknown"))
         return _decode_checked(source, label, max_pixels)
 
     if isinstance(source, (str, os.PathLike)):
@@ -107,7 +114,7 @@ def load_image(
             # (catch_warnings is process-wide before Python 3.14: a race between threads can at
             # worst leave this one "error" filter installed, i.e. PIL stays strict.)
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(fp)
+            image = Image.open(fp, formats=OPENERS)
     except FileNotFoundError:
         raise ImageError(f"{label}: no such image file") from None
     except IsADirectoryError:
@@ -115,7 +122,7 @@ def load_image(
     except PermissionError as exc:
         raise ImageError(f"{label}: cannot read the file ({exc.strerror})") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{label}: not an image, or in a format Pillow cannot read") from None
+        raise ImageError(unidentified_message(label, fp)) from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{label}: refused as a possible decompression bomb: {exc}") from None
     except Exception as exc:  # Pillow's format plugins raise many types on a corrupt header
@@ -196,6 +203,7 @@ def preprocess(
     stride: int = DEFAULT_STRIDE,
     mean: Sequence[float] = CLIP_MEAN,
     std: Sequence[float] = CLIP_STD,
+    max_tokens: int | None = None,
 ) -> torch.Tensor:
     """Resize / crop / pad one image for the vision tower and normalise it.
 
@@ -206,12 +214,13 @@ def preprocess(
         mode: ``"crop"``, ``"pad"`` or ``"keep-aspect"`` (see the module docstring).
         stride: pixels per image token side; ``keep-aspect`` rounds both sides to multiples of it.
         mean, std: per-channel normalisation (CLIP's by default).
+        max_tokens: ``keep-aspect`` only: at most this many image tokens (`preprocessed_size`).
 
     Returns:
         ``(3, H, W)`` float32 tensor, ``(pixel / 255 - mean) / std``. ``(H, W)`` is the target for
         ``crop`` / ``pad`` and `preprocessed_size` of the image for ``keep-aspect``.
     """
-    target = preprocessed_size(image.height, image.width, size, mode, stride)
+    target = preprocessed_size(image.height, image.width, size, mode, stride, max_tokens)
     mean, std = check_mean_std(mean, std)
     if image.mode != "RGB":
         image = to_rgb(image)
@@ -228,9 +237,18 @@ def preprocess(
 
 
 def preprocessed_size(
-    height: int, width: int, size: ImageSize, mode: str = "crop", stride: int = DEFAULT_STRIDE
+    height: int,
+    width: int,
+    size: ImageSize,
+    mode: str = "crop",
+    stride: int = DEFAULT_STRIDE,
+    max_tokens: int | None = None,
 ) -> tuple[int, int]:
     """The ``(H, W)`` that `preprocess` gives an image of ``height x width``, without doing it.
+
+    ``keep-aspect`` with ``max_tokens``: an image whose size at the long-side target would take more
+    image tokens is scaled down further, keeping its aspect, to the largest grid within the budget
+    (a long receipt or an A4 page keeps its shape at a bounded cost).
 
     Raises:
         ConfigError: unknown mode, bad size or stride, or a ``keep-aspect`` target that is not a
@@ -245,7 +263,24 @@ def preprocessed_size(
     def round_to_stride(length: int) -> int:
         return max(stride, math.floor(length * scale / stride + 0.5) * stride)
 
-    return round_to_stride(height), round_to_stride(width)
+    out = round_to_stride(height), round_to_stride(width)
+    if max_tokens is None or (out[0] // stride) * (out[1] // stride) <= max_tokens:
+        return out
+    return _token_budget_size(height, width, stride, max_tokens)
+
+
+def _token_budget_size(height: int, width: int, stride: int, max_tokens: int) -> tuple[int, int]:
+    """The largest (rows, cols) grid of the image's aspect with rows * cols <= max_tokens, in pixels."""
+    check_positive_int("max_tokens", max_tokens)
+    scale = math.sqrt(max_tokens / (height * width))
+    rows, cols = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+    rows, cols = min(rows, max_tokens // cols), min(cols, max_tokens // rows)
+    # Rounding down may leave room for one more row or column.
+    if (rows + 1) * cols <= max_tokens and (rows + 1) / cols <= height / width:
+        rows += 1
+    elif rows * (cols + 1) <= max_tokens and rows / (cols + 1) >= height / width:
+        cols += 1
+    return rows * stride, cols * stride
 
 
 def image_token_count(height: int, width: int, stride: int = DEFAULT_STRIDE) -> int:

@@ -14,7 +14,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any
 
 from ..errors import ConfigError, DataError
@@ -162,17 +162,37 @@ def load_repo(name: str, split: str) -> Any:
 
 
 def undecoded_images(dataset: Any) -> Any:
-    """Cast `datasets.Image` columns (and lists of them) to ``decode=False``: rows hold encoded bytes."""
+    """Cast every `datasets.Image` feature (also inside lists and structs) to ``decode=False``.
+
+    Rows then hold encoded bytes / paths that our own `load_image` decodes (accepted formats only);
+    datasets' decoder would open them with every Pillow plugin (an EPS runs Ghostscript).
+    """
+    for name, feature in dataset.features.items():
+        undecoded = _undecoded_feature(feature)
+        if undecoded is not feature:
+            dataset = dataset.cast_column(name, undecoded)
+    return dataset
+
+
+def _undecoded_feature(feature: Any) -> Any:
+    """``feature`` with each decoding Image inside it set to ``decode=False`` (the same object if none)."""
+    import dataclasses
+
     import datasets
 
-    for name, feature in dataset.features.items():
-        if isinstance(feature, datasets.Image) and feature.decode:
-            dataset = dataset.cast_column(name, datasets.Image(decode=False))
-        elif isinstance(feature, (datasets.List, datasets.Sequence)):
-            inner = getattr(feature, "feature", None)
-            if isinstance(inner, datasets.Image) and inner.decode:
-                dataset = dataset.cast_column(name, datasets.List(datasets.Image(decode=False)))
-    return dataset
+    if isinstance(feature, datasets.Image):
+        return datasets.Image(decode=False) if feature.decode else feature
+    if isinstance(feature, dict):
+        inner = {key: _undecoded_feature(value) for key, value in feature.items()}
+        changed = any(inner[key] is not feature[key] for key in feature)
+        return type(feature)(inner) if changed else feature
+    if isinstance(feature, (list, tuple)) and len(feature) == 1:
+        inner = _undecoded_feature(feature[0])
+        return type(feature)([inner]) if inner is not feature[0] else feature
+    if dataclasses.is_dataclass(feature) and hasattr(feature, "feature"):  # List, LargeList, Sequence
+        inner = _undecoded_feature(feature.feature)
+        return dataclasses.replace(feature, feature=inner) if inner is not feature.feature else feature
+    return feature
 
 
 # --------------------------------------------------------------------------------------------------
@@ -197,6 +217,10 @@ class DataSource:
         max_samples: use only the first this many records.
         repeat: how many times the records appear per epoch (to up-weight a small set).
         split: which split of a hub id or a saved `DatasetDict` to use.
+        allow_outside_root: accept record image paths that are absolute or contain ``..`` (both
+            can name any file on the machine: a downloaded dataset should not). Off by default:
+            such records are skipped ("image path outside the image root"). Symlinks under the
+            root are followed (they are the machine owner's layout, not the record author's).
     """
 
     path: str | os.PathLike
@@ -205,6 +229,7 @@ class DataSource:
     max_samples: int | None = None
     repeat: int = 1
     split: str = "train"
+    allow_outside_root: bool = False
 
     def __post_init__(self) -> None:
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 0):
@@ -215,12 +240,29 @@ class DataSource:
             raise ConfigError(f"{self.path}: repeat must be an int >= 1, got {self.repeat!r}")
         if not self.text_field or not isinstance(self.text_field, str):
             raise ConfigError(f"{self.path}: text_field must be a non-empty string")
+        if not isinstance(self.allow_outside_root, bool):
+            raise ConfigError(f"{self.path}: allow_outside_root must be true or false")
 
     @property
     def resolved_image_root(self) -> Path:
         if self.image_root is not None:
             return Path(self.image_root)
         return Path(self.path).parent
+
+    def image_path(self, name: str) -> Path:
+        """A record's image path under the image root; DataError if it could leave the root.
+
+        Decided on the text of the path, before touching the file system: absolute paths and any
+        ``..`` component are refused (``a/..`` is not ``.`` when ``a`` is a symlink), unless
+        ``allow_outside_root``. Symlinks inside the root are followed.
+        """
+        path = PurePath(name)
+        if not self.allow_outside_root and (path.is_absolute() or path.anchor or ".." in path.parts):
+            raise DataError(
+                f"{name}: image path outside the image root {self.resolved_image_root} (absolute or "
+                "with '..'); set allow_outside_root: true on this data source if you trust it"
+            )
+        return self.resolved_image_root / path
 
 
 def open_source(source: DataSource) -> RecordIndex:

@@ -35,8 +35,8 @@ def modality_length_grouped_indices(
 
     Args:
         lengths: signed modality lengths (`ConversationDataset.lengths`); none may be 0.
-        batch_size: the global batch (per-device batch x world size), so a whole step is one
-            modality on every device.
+        batch_size: the global batch (per-device batch x world size x accumulation steps, as
+            LLaVA's sampler), so a whole optimizer step is one modality on every device.
         seed / generator: randomness; the same seed gives the same order.
         megabatch_mult: how many batches are length-sorted together.
     """
@@ -70,7 +70,7 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     Args:
         lengths: signed modality lengths (`ConversationDataset.lengths`).
-        batch_size: the global batch (per-device batch x world size).
+        batch_size: the global batch (per-device batch x world size x accumulation steps).
         seed: base seed; epoch ``e`` uses ``seed + e`` (call `set_epoch`, as the Trainer does).
     """
 

@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 
 # Skip reasons: a small fixed vocabulary, so `SkipTracker.summary()` counts kinds, not files.
 MISSING_IMAGE = "missing image"
+IMAGE_OUTSIDE_ROOT = "image path outside the image root"
 BAD_IMAGE = "bad image"
 EMPTY_CONVERSATION = "empty conversation"
 BAD_TURN = "bad turn"

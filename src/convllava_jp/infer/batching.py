@@ -3,8 +3,12 @@
 One background thread owns the model. Each loop it admits waiting requests (prefilled together,
 left-padded, images spliced in), merges them into the running batch's KV cache, runs one decode
 step for every running request, samples each row with its own settings and hands the text pieces
-to the request's `sink`. Finished, stopped and cancelled rows leave the batch at once, so their
-slot is free for the next request on the next step.
+to the request's `sink`. Finished, stopped, cancelled and timed-out rows leave the batch at once,
+so their slot is free for the next request on the next step.
+
+One request never fails another: a row whose scores cannot be decoded (NaN, nothing allowed)
+fails alone; a prefill or decode step that raises (out of memory included) is undone and retried
+once row by row, and only the rows that fail alone are failed; waiting requests are never touched.
 
 Written by hand because transformers' own continuous batching takes token ids only, and our
 prompts carry image features spliced into the input embeddings.
@@ -12,7 +16,6 @@ prompts carry image features spliced into the input embeddings.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import queue
 import secrets
@@ -20,84 +23,37 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import ConfigError, ConvLlavaError
+from ..errors import ConfigError
 from ..model.processing import EncodedConversation
 from .decoding import IncrementalDecoder
 from .generation import GenerationConfig, GenerationRequest, GenerationResult, VLMPipeline
 from .running_batch import Row, RunningBatch, check_cache_layers, sample_tokens, suppressed_ids
+from .tickets import (
+    BatcherStats,
+    EngineClosedError,
+    QueueFullError,
+    RequestFailedError,
+    RequestTimeoutError,
+    Sink,
+    StreamEvent,
+    Ticket,
+)
 
 log = logging.getLogger(__name__)
 
-
-class QueueFullError(ConvLlavaError):
-    """Every batch slot is busy and the waiting queue is full: try again later."""
-
-
-class EngineClosedError(ConvLlavaError):
-    """The batcher was closed; no more requests are taken."""
-
-
-@dataclass
-class StreamEvent:
-    """What a request's sink receives: text pieces, then exactly one `result` or `error`."""
-
-    piece: str = ""
-    result: GenerationResult | None = None
-    error: BaseException | None = None
-
-    @property
-    def final(self) -> bool:
-        return self.result is not None or self.error is not None
-
-
-Sink = Callable[[StreamEvent], None]
-_ids = itertools.count(1)
-
-
-class Ticket:
-    """One submitted request. `cancel()` (client gone, timeout) frees its slot within a step."""
-
-    def __init__(self, encoded: EncodedConversation, config: GenerationConfig, sink: Sink):
-        self.id = next(_ids)
-        self.encoded = encoded
-        self.config = config
-        self.sink = sink
-        self.submitted_at = time.monotonic()
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def emit(self, event: StreamEvent) -> None:
-        try:
-            self.sink(event)
-        except Exception:  # a consumer gone away (closed event loop) must not stop the engine
-            log.debug("request %d: sink failed", self.id, exc_info=True)
-            self.cancel()
-
-
-@dataclass
-class BatcherStats:
-    """Counters since start: what /health and the benchmark report."""
-
-    requests: int = 0
-    completed: int = 0
-    cancelled: int = 0
-    failed: int = 0
-    rejected: int = 0
-    steps: int = 0
-    tokens: int = 0
-    peak_batch: int = 0
-    prefills: int = 0
-    joined_running: int = 0  # prefills merged into a batch that was already decoding
+__all__ = [
+    "BatcherStats",
+    "ContinuousBatcher",
+    "EngineClosedError",
+    "QueueFullError",
+    "RequestFailedError",
+    "RequestTimeoutError",
+    "StreamEvent",
+    "Ticket",
+]
 
 
 class ContinuousBatcher:
@@ -133,7 +89,7 @@ class ContinuousBatcher:
         self._batch: RunningBatch | None = None
         self._thread: threading.Thread | None = None
         tok = pipeline.tokenizer
-        self._eos = tok.eos_token_id
+        self._eos = set(getattr(pipeline, "stop_token_ids", None) or [tok.eos_token_id])  # EOS + end of turn
         self._pad = tok.pad_token_id
         self._suppress = suppressed_ids(pipeline.model, pipeline.device)
 
@@ -167,26 +123,59 @@ class ContinuousBatcher:
     def queued(self) -> int:
         return len(self._pending)
 
+    @property
+    def capacity(self) -> int:
+        """Most requests held at once, running and waiting."""
+        return self.max_batch_size + self.max_queue
+
+    def purge(self) -> None:
+        """Drop waiting requests that were cancelled or passed their deadline now (not at the next step)."""
+        with self._cond:
+            self._purge_locked()
+
+    def _purge_locked(self) -> None:
+        """Drop waiting tickets that were cancelled or passed their deadline (holding `_cond`)."""
+        now = time.monotonic()
+        if not any(t.cancelled or t.expired(now) for t in self._pending):
+            return
+        kept: deque[Ticket] = deque()
+        for ticket in self._pending:
+            if ticket.cancelled:
+                self.stats.cancelled += 1
+            elif ticket.expired(now):
+                self._time_out(ticket)
+            else:
+                kept.append(ticket)
+        self._pending = kept
+
+    def _time_out(self, ticket: Ticket) -> None:
+        self.stats.timed_out += 1
+        ticket.timed_out = True
+        ticket.emit(StreamEvent(error=RequestTimeoutError(f"request {ticket.id} passed its deadline")))
+
     # --- submitting --------------------------------------------------------------------------
     def submit(
         self,
         request: GenerationRequest | EncodedConversation,
         config: GenerationConfig | None = None,
         sink: Sink | None = None,
+        deadline: float | None = None,
     ) -> Ticket:
         """Queue a request; its pieces and result go to `sink` (called from the engine thread).
 
+        `deadline`: time.monotonic() after which the request is dropped with a RequestTimeoutError.
         Raises ConfigError (bad settings, too long for the context), ImageError / TemplateError
         (from encoding a GenerationRequest), QueueFullError, EngineClosedError.
         """
         config = (config or GenerationConfig()).validate()
         encoded = request if isinstance(request, EncodedConversation) else self.pipeline.encode(request)
         self.pipeline.check_fits(encoded, config)
-        ticket = Ticket(encoded, config, sink or (lambda event: None))
+        ticket = Ticket(encoded, config, sink or (lambda event: None), deadline)
         with self._cond:
             if self._closed:
                 raise EngineClosedError("the batcher is closed")
-            if self.active + len(self._pending) >= self.max_batch_size + self.max_queue:
+            self._purge_locked()  # requests already given up on hold no place
+            if self.active + len(self._pending) >= self.capacity:
                 self.stats.rejected += 1
                 raise QueueFullError(
                     f"server busy: {self.active} requests running and {len(self._pending)} waiting "
@@ -208,8 +197,8 @@ class ContinuousBatcher:
         Raises the request's error, or TimeoutError after `timeout` s.
         """
         events: queue.Queue[StreamEvent] = queue.Queue()
-        ticket = self.submit(request, config, events.put)
         deadline = None if timeout is None else time.monotonic() + timeout
+        ticket = self.submit(request, config, events.put, deadline)
         try:
             while True:
                 left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
@@ -260,10 +249,15 @@ class ContinuousBatcher:
                     self._prefill(new)
                 if self._batch is not None:
                     self._step()
-            except Exception as err:  # the engine survives; the requests in flight get the error
-                log.exception("generation failed; failing %d running requests", self.active)
-                self._fail_all(err)
-        self._fail_all(EngineClosedError("the server is shutting down"))
+            except Exception as err:  # a fault outside the guarded model calls: the running rows
+                # fail, the waiting requests do not, the engine goes on
+                log.exception("batcher loop failed; failing the %d running requests", self.active)
+                self._fail_running(err)
+        self._fail_running(EngineClosedError("the server is shutting down"))
+        with self._cond:
+            pending, self._pending = list(self._pending), deque()
+        for ticket in pending:
+            ticket.emit(StreamEvent(error=EngineClosedError("the server is shutting down")))
         log.info("batcher stopped")
 
     def _admit(self) -> list[Ticket] | None:
@@ -272,6 +266,7 @@ class ContinuousBatcher:
             if self._batch is None:
                 while not self._pending and not self._closed:
                     self._cond.wait(timeout=1.0)
+                    self._purge_locked()
                 if self._closed:
                     return None
                 if self.batch_wait_s and len(self._pending) < self.max_batch_size:
@@ -284,14 +279,9 @@ class ContinuousBatcher:
                         self._cond.wait(timeout=left)
             elif self._closed:
                 return None
+            self._purge_locked()
             free = self.max_batch_size - self.active
-            taken: list[Ticket] = []
-            while self._pending and len(taken) < free:
-                ticket = self._pending.popleft()
-                if ticket.cancelled:
-                    self.stats.cancelled += 1
-                else:
-                    taken.append(ticket)
+            taken = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
             return taken
 
     def _new_row(self, ticket: Ticket) -> Row:
@@ -306,53 +296,122 @@ class ContinuousBatcher:
         decoder = IncrementalDecoder(self.pipeline.tokenizer, cfg.stop, self.pipeline.byte_ids)
         return Row(ticket, decoder, generator, seen)
 
+    def _fail(self, ticket: Ticket, err: BaseException, what: str) -> None:
+        """Fail one request: the detail goes to the log, the request gets a RequestFailedError."""
+        log.error("request %d failed in %s: %s: %s", ticket.id, what, type(err).__name__, err)
+        self.stats.failed += 1
+        failure = RequestFailedError(
+            f"the model failed on request {ticket.id} ({what}: {type(err).__name__})"
+        )
+        failure.__cause__ = err
+        ticket.emit(StreamEvent(error=failure))
+
     @torch.inference_mode()
     def _prefill(self, tickets: list[Ticket]) -> None:
-        """Run the new requests' prompts (images spliced in) and merge them into the batch."""
-        pipe = self.pipeline
+        """Run the new requests' prompts (images spliced in) and merge them into the batch.
+
+        A group whose prefill raises is retried one request at a time; only those that fail alone fail.
+        """
         try:
-            inputs = pipe.batch_inputs([t.encoded for t in tickets])
-            mask = inputs["attention_mask"]
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            with pipe.lock:
-                out = pipe.model(
-                    **inputs, position_ids=positions, use_cache=True, logits_to_keep=1, return_dict=True
-                )
-            check_cache_layers(out.cache)
-            rows = [self._new_row(t) for t in tickets]
-            tokens = sample_tokens(out.logits[:, -1, :], rows, self._suppress)
-        except Exception as err:  # only these requests fail; the running batch goes on
-            log.exception("prefill of %d requests failed", len(tickets))
-            for t in tickets:
-                self.stats.failed += 1
-                t.emit(StreamEvent(error=err))
+            new = self._prefill_group(tickets)
+        except Exception as err:
+            if len(tickets) == 1:
+                self._fail(tickets[0], err, "prefill")
+                return
+            self.stats.retried += 1
+            log.warning("prefill of %d requests failed (%s); retrying each alone", len(tickets), err)
+            for ticket in tickets:
+                self._prefill([ticket])
             return
-        self._merge(RunningBatch(out.cache, mask, mask.sum(-1), torch.zeros_like(mask[:, 0]), rows))
-        self._take_tokens(tokens, first_row=len(self._batch.rows) - len(rows))
+        batch, tokens, failed = new
+        self._merge(batch)
+        self._take_tokens(tokens, failed, first_row=len(self._batch.rows) - len(batch.rows))
+
+    def _prefill_group(self, tickets: list[Ticket]) -> tuple[RunningBatch, torch.Tensor, list[int]]:
+        pipe = self.pipeline
+        inputs = pipe.batch_inputs([t.encoded for t in tickets])
+        mask = inputs["attention_mask"]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with pipe.lock:
+            out = pipe.model(
+                **inputs, position_ids=positions, use_cache=True, logits_to_keep=1, return_dict=True
+            )
+        check_cache_layers(out.cache)
+        rows = [self._new_row(t) for t in tickets]
+        tokens, failed = sample_tokens(out.logits[:, -1, :], rows, self._suppress)
+        batch = RunningBatch(out.cache, mask, mask.sum(-1), torch.zeros_like(mask[:, 0]), rows)
+        return batch, tokens, failed
 
     @torch.inference_mode()
     def _step(self) -> None:
         """One decode step for every running row."""
-        pipe = self.pipeline
-        self._drop(lambda row: row.ticket.cancelled, cancelled=True)
+        now = time.monotonic()
+        for row in self._batch.rows:
+            if not row.ticket.cancelled and row.ticket.expired(now):
+                self._time_out(row.ticket)
+        self._drop(lambda row: row.ticket.cancelled or row.ticket.timed_out, cancelled=True)
         if self._batch is None:
             return
-        batch = self._batch
-        batch.mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-        with pipe.lock:
-            out = pipe.model(
-                input_ids=batch.next_token[:, None],
-                attention_mask=batch.mask,
-                position_ids=batch.positions[:, None],
-                cache=batch.cache,
-                use_cache=True,
-                return_dict=True,
-            )
-        batch.cache = out.cache
-        batch.positions = batch.positions + 1
+        try:
+            logits = self._forward(self._batch)
+        except Exception as err:
+            logits = self._retry_rows(err)
+            if logits is None:
+                return
         self.stats.steps += 1
-        tokens = sample_tokens(out.logits[:, -1, :], batch.rows, self._suppress)
-        self._take_tokens(tokens, first_row=0)
+        tokens, failed = sample_tokens(logits, self._batch.rows, self._suppress)
+        self._take_tokens(tokens, failed, first_row=0)
+
+    def _forward(self, batch: RunningBatch) -> torch.Tensor:
+        """One decode step of `batch` -> last logits (B, V); on an error the batch is as before."""
+        pipe = self.pipeline
+        length = batch.mask.shape[1]
+        mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
+        try:
+            with pipe.lock:
+                out = pipe.model(
+                    input_ids=batch.next_token[:, None],
+                    attention_mask=mask,
+                    position_ids=batch.positions[:, None],
+                    cache=batch.cache,
+                    use_cache=True,
+                    return_dict=True,
+                )
+        except Exception:
+            batch.truncate_cache(length)  # layers that ran already appended this step's column
+            raise
+        batch.cache, batch.mask, batch.positions = out.cache, mask, batch.positions + 1
+        return out.logits[:, -1, :]
+
+    def _retry_rows(self, err: Exception) -> torch.Tensor | None:
+        """A step of the whole batch raised: step each row alone; the rows that fail alone fail.
+
+        Returns the logits of the rows left (now `self._batch`), or None when none is.
+        """
+        batch, self._batch = self._batch, None
+        if len(batch.rows) == 1:
+            self._fail(batch.rows[0].ticket, err, "decode step")
+            return None
+        self.stats.retried += 1
+        log.warning("decode step of %d rows failed (%s); retrying each row alone", len(batch.rows), err)
+        parts: list[RunningBatch] = []
+        logits: list[torch.Tensor] = []
+        for i in range(len(batch.rows)):
+            part = batch.subset([i])
+            try:
+                logits.append(self._forward(part))
+            except Exception as row_err:
+                self._fail(part.rows[0].ticket, row_err, "decode step")
+                continue
+            parts.append(part)
+        del batch
+        if not parts:
+            return None
+        merged = parts[0]
+        for part in parts[1:]:
+            merged.extend(part)
+        self._batch = merged
+        return torch.cat(logits)
 
     def _merge(self, new: RunningBatch) -> None:
         self.stats.prefills += 1
@@ -362,48 +421,72 @@ class ContinuousBatcher:
         self.stats.joined_running += 1
         self._batch.extend(new)
 
-    def _take_tokens(self, tokens: torch.Tensor, first_row: int) -> None:
-        """Hand each row its token (from `first_row` on); finished rows leave the batch."""
+    def _take_tokens(self, tokens: torch.Tensor, failed: list[int], first_row: int) -> None:
+        """Hand each row its token (from `first_row` on); finished and failed rows leave the batch."""
         batch = self._batch
-        max_context = self.pipeline.max_context
         finished: dict[int, str] = {}
+        gone: set[int] = set()
         values = tokens.tolist()
+        for offset in failed:
+            i = first_row + offset
+            bad = FloatingPointError("its scores are NaN or allow no token")
+            self._fail(batch.rows[i].ticket, bad, "sampling")
+            gone.add(i)
         for offset, token in enumerate(values):
             i = first_row + offset
-            row = batch.rows[i]
-            batch.next_token[i] = token
-            row.completion_tokens += 1
-            self.stats.tokens += 1
-            if token == self._eos:
-                finished[i] = "stop"
+            if i in gone:
                 continue
-            piece = row.decoder.add(token)
-            if piece:
-                row.ticket.emit(StreamEvent(piece=piece))
-            if row.seen is not None:
-                row.seen = torch.unique(torch.cat([row.seen, tokens[offset : offset + 1]]))
-            if row.decoder.stopped:
-                finished[i] = "stop"
-            elif row.completion_tokens >= row.ticket.config.max_new_tokens:
-                finished[i] = "length"
-            elif int(batch.positions[i]) + 1 >= max_context:
-                finished[i] = "length"
+            try:
+                reason = self._advance(i, token, tokens[offset : offset + 1])
+            except Exception as err:  # e.g. the tokenizer failing on this row's text: this row only
+                self._fail(batch.rows[i].ticket, err, "decoding")
+                gone.add(i)
+                continue
+            if reason is not None:
+                finished[i] = reason
         self.stats.peak_batch = max(self.stats.peak_batch, len(batch.rows))
         for i, reason in finished.items():
-            row = batch.rows[i]
-            piece = row.decoder.finish()
-            if piece:
-                row.ticket.emit(StreamEvent(piece=piece))
-            result = GenerationResult(
-                text=row.decoder.text,
-                prompt_tokens=len(row.ticket.encoded.input_ids),
-                completion_tokens=row.completion_tokens,
-                finish_reason=reason,
-            )
-            self.stats.completed += 1
-            row.ticket.emit(StreamEvent(result=result))
-        if finished:
-            self._drop(lambda row: False, indices=set(finished))
+            try:
+                self._finish(batch.rows[i], reason)
+            except Exception as err:
+                self._fail(batch.rows[i].ticket, err, "decoding")
+        if finished or gone:
+            self._drop(lambda row: False, indices=set(finished) | gone)
+
+    def _advance(self, i: int, token: int, token_tensor: torch.Tensor) -> str | None:
+        """Row i takes its token: a text piece to its sink; the finish reason once it is done."""
+        batch = self._batch
+        row = batch.rows[i]
+        batch.next_token[i] = token
+        row.completion_tokens += 1
+        self.stats.tokens += 1
+        if token in self._eos:
+            return "stop"
+        piece = row.decoder.add(token)
+        if piece:
+            row.ticket.emit(StreamEvent(piece=piece))
+        if row.seen is not None:
+            row.seen = torch.unique(torch.cat([row.seen, token_tensor]))
+        if row.decoder.stopped:
+            return "stop"
+        if row.completion_tokens >= row.ticket.config.max_new_tokens:
+            return "length"
+        if int(batch.positions[i]) + 1 >= self.pipeline.max_context:
+            return "length"
+        return None
+
+    def _finish(self, row: Row, reason: str) -> None:
+        piece = row.decoder.finish()
+        if piece:
+            row.ticket.emit(StreamEvent(piece=piece))
+        result = GenerationResult(
+            text=row.decoder.text,
+            prompt_tokens=len(row.ticket.encoded.input_ids),
+            completion_tokens=row.completion_tokens,
+            finish_reason=reason,
+        )
+        self.stats.completed += 1
+        row.ticket.emit(StreamEvent(result=result))
 
     def _drop(
         self, predicate: Callable[[Row], bool], indices: set[int] = frozenset(), cancelled=False
@@ -416,21 +499,18 @@ class ContinuousBatcher:
         if not gone:
             return
         if cancelled:
-            self.stats.cancelled += len(gone)
-            log.info("dropped %d cancelled requests", len(gone))
+            n = sum(1 for i in gone if batch.rows[i].ticket.cancelled and not batch.rows[i].ticket.timed_out)
+            self.stats.cancelled += n
+            log.info("dropped %d cancelled and %d timed-out requests", n, len(gone) - n)
         keep = [i for i in range(len(batch.rows)) if i not in gone]
         if keep:
             batch.keep(keep)
         else:
             self._batch = None
 
-    def _fail_all(self, err: BaseException) -> None:
+    def _fail_running(self, err: BaseException) -> None:
+        """Fail the running rows (the waiting requests are left alone)."""
         batch, self._batch = self._batch, None
-        with self._cond:
-            pending = list(self._pending)
-            self._pending.clear()
         for row in batch.rows if batch is not None else []:
             self.stats.failed += 1
             row.ticket.emit(StreamEvent(error=err))
-        for ticket in pending:
-            ticket.emit(StreamEvent(error=err))

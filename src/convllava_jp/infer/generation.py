@@ -21,18 +21,22 @@ from ..data.collate import pad_sequences
 from ..data.constants import IMAGE_TOKEN
 from ..errors import ConfigError
 from ..model.processing import EncodedConversation
+from ..model.templates import split_content_parts
 from .decoding import IncrementalDecoder, byte_fallback_ids, cut_at_stop
 
 log = logging.getLogger(__name__)
 
 History = Sequence[tuple[str, str]]
+TEMPERATURE_FLOOR = 0.01  # below it decoding is greedy: scores / ~0 overflow to inf, softmax to NaN
 
 
 @dataclass
 class GenerationConfig:
     """Decoding settings; temperature 0 means greedy.
 
-    `stop`: strings that end the answer (not included in it). `seed`: makes sampling repeatable.
+    A temperature below `TEMPERATURE_FLOOR` also decodes greedily (dividing by ~0 overflows the
+    scores). `stop`: strings that end the answer (not included in it). `seed`: in [0, 2**64),
+    makes sampling repeatable.
     """
 
     max_new_tokens: int = 256
@@ -57,15 +61,19 @@ class GenerationConfig:
             raise ConfigError(f"temperature must be in [0, 100] (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0.01 <= self.repetition_penalty <= 100:
+            raise ConfigError(f"repetition_penalty must be in [0.01, 100], got {self.repetition_penalty}")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**64
+        ):
+            raise ConfigError(f"seed must be an int in [0, 2**64), got {self.seed!r}")
         if not all(isinstance(s, str) for s in self.stop):
             raise ConfigError(f"stop must be a list of strings, got {self.stop!r}")
         return self
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0
+        return self.temperature < TEMPERATURE_FLOOR
 
     def to_hf(self) -> dict:
         """Keyword arguments for transformers' `generate` (stop strings are added by the pipeline)."""
@@ -73,7 +81,7 @@ class GenerationConfig:
             "max_new_tokens": self.max_new_tokens,
             "repetition_penalty": self.repetition_penalty,
         }
-        if self.temperature > 0:
+        if not self.greedy:
             kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=None)
         else:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -84,11 +92,18 @@ class GenerationConfig:
 class GenerationRequest:
     """A conversation (role/content turns, `<image>` tags in the text) and its images in tag order.
 
+    A turn's content may also be a list of OpenAI-style parts ({"type": "text", "text": ...},
+    {"type": "image", "image": ...}, {"type": "image_url", "image_url": {"url": ...}}), in any order.
+
     Images are anything `load_image` takes: paths, bytes, file objects or PIL images.
     """
 
     messages: list[dict]
     images: list = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # OpenAI-style content lists: image parts become <image> tags in place, their images join `images`.
+        self.messages, self.images = split_content_parts(self.messages, self.images or [])
 
 
 @dataclass
@@ -131,12 +146,26 @@ class _TokenQueueStreamer:
 class VLMPipeline:
     """A model + processor ready to answer; one `generate` runs at a time (`lock`)."""
 
-    def __init__(self, model, processor, template: str = "llm-jp-v1"):
+    def __init__(self, model, processor, template: str | None = None):
         self.model = model.eval()
         self.processor = processor
-        self.template = template
+        self.template = template or processor.default_template()
         self.lock = threading.Lock()
         self.byte_ids = byte_fallback_ids(processor.tokenizer)
+        self.stop_token_ids = self._stop_ids()
+
+    def _stop_ids(self) -> list[int]:
+        """EOS, the template's end-of-turn token (`<|im_end|>`, `<|eot_id|>`...) and the generation
+        config's EOS ids; written back into `model.generation_config.eos_token_id` for every path."""
+        ids = list(self.processor.stop_token_ids(self.template))
+        config = getattr(self.model, "generation_config", None)
+        configured = getattr(config, "eos_token_id", None)
+        for i in configured if isinstance(configured, (list, tuple)) else [configured]:
+            if isinstance(i, int) and i not in ids:
+                ids.append(i)
+        if config is not None and ids:
+            config.eos_token_id = ids
+        return ids
 
     @classmethod
     def from_pretrained(
@@ -144,14 +173,15 @@ class VLMPipeline:
         model_dir: str | Path,
         device: str | torch.device | None = "cpu",
         dtype: str | torch.dtype | None = None,
-        template: str = "llm-jp-v1",
+        template: str | None = None,
     ) -> VLMPipeline:
         """Load a model directory (`save_model_dir` layout).
 
         Args:
             device: "cpu", "cuda", "cuda:1", "mps" or "auto".
             dtype: "float32", "bfloat16", "float16" (or a torch dtype); None keeps the saved one.
-            template: chat template the prompts are rendered with (`llm-jp-v1` for chat models).
+            template: chat template the prompts are rendered with; default: the one the model's
+                last chat stage was trained with (recorded in the dir), else `llm-jp-v1`.
         """
         from ..model.model_dir import load_model_dir
 
@@ -227,7 +257,7 @@ class VLMPipeline:
         # generated); the request's settings override the rest of it.
         kwargs.update(
             generation_config=self.model.generation_config,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=self.stop_token_ids,
             pad_token_id=tok.pad_token_id,
         )
         if config.stop:
@@ -265,9 +295,10 @@ class VLMPipeline:
             new_tokens = out[:, inputs["input_ids"].shape[1] :]
             for e, row in zip(chunk, new_tokens):
                 row = row.tolist()
-                ended = tok.eos_token_id in row
+                end = next((i for i, t in enumerate(row) if t in self.stop_token_ids), None)
+                ended = end is not None
                 if ended:
-                    row = row[: row.index(tok.eos_token_id)]
+                    row = row[:end]
                 elif config.stop:
                     # rows that met a stop string are padded to the batch's length
                     while row and row[-1] == tok.pad_token_id:
@@ -357,10 +388,10 @@ class VLMPipeline:
         thread = threading.Thread(target=work, name="vlm-stream", daemon=True)
         thread.start()
         decoder = IncrementalDecoder(self.tokenizer, config.stop, self.byte_ids)
-        eos = self.tokenizer.eos_token_id
+        stops = set(self.stop_token_ids)
         try:
             while (token := tokens.get()) is not None:
-                if token == eos:
+                if token in stops:
                     break
                 piece = decoder.add(token)
                 if piece:

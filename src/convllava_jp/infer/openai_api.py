@@ -1,10 +1,13 @@
-"""The OpenAI chat-completions protocol: request schema, errors in OpenAI's shape, request parsing.
+"""OpenAI chat-completions requests -> batcher tickets (schema and errors: `openai_protocol.py`).
 
 `RequestHandler.prepare` turns a request body into the batcher's inputs (conversation with
 `<image>` tags, decoded images, a GenerationConfig) or raises `APIError`: body too large (413),
-malformed JSON / wrong types / bad images / too many images / `max_tokens` over the context (400),
-unknown model (404); `submit` maps a full queue to 503. `Events` waits for a ticket's events,
-watching the deadline (504) and the client (499). The routes are in `server.py`.
+malformed or too deeply nested JSON / wrong types / values no sampler can honour / bad images /
+too many images or pixels / text or `max_tokens` over the context (400), unknown model (404).
+`admit` refuses (503) before the body is read when the batcher and the requests being prepared
+already fill every place; `read` gives the body until the request's deadline (408);
+`preparation` bounds how many are parsed and decoded at once; `submit` maps a full queue to 503. `Events` waits for a ticket's events, watching the deadline (504) and the client (499). The
+routes are in `server.py`; the limits and their defaults are in docs/serving.md.
 """
 
 from __future__ import annotations
@@ -16,19 +19,33 @@ import json
 import logging
 import re
 import time
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from fastapi import Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from ..data.constants import IMAGE_TOKEN
 from ..data.images import load_image
 from ..errors import ConfigError, ImageError, TemplateError
+from ..model.templates import content_text
 from .batching import ContinuousBatcher, EngineClosedError, QueueFullError, StreamEvent, Ticket
 from .generation import GenerationConfig, GenerationRequest
+from .openai_protocol import (
+    APIError,
+    ChatCompletionRequest,
+    ServerConfig,
+    read_body,
+    sse,
+    usage,
+    validation_error,
+)
+
+__all__ = ["APIError", "Events", "RequestHandler", "ServerConfig", "read_body", "sse", "usage"]
+
+MAX_STOP = 16  # stop strings per request
+MAX_STOP_CHARS = 256  # characters per stop string: each is searched for in the answer at every token
 
 log = logging.getLogger(__name__)
 
@@ -36,119 +53,14 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[^;,]*)(?P<params>(;[^;,]*)*?);base64,(?
 _POLL_S = 0.25  # how often a waiting request checks for a client that went away
 
 
-@dataclass
-class ServerConfig:
-    """Limits and options of the HTTP server.
-
-    model_name: the id clients send as `model` (and /v1/models lists).
-    api_key: when set, every /v1 request needs `Authorization: Bearer <api_key>`.
-    allow_local_files: a directory whose files may be named as image URLs (`file://...` or an
-        absolute path); None: only base64 `data:` URLs.
-    max_body_bytes / max_images / max_image_pixels: per request.
-    request_timeout_s: from arrival to the last token, queue wait included.
-    default_max_tokens / default_temperature: when a request gives no `max_tokens` / `temperature`.
-    """
-
-    model_name: str = "convllava-jp"
-    api_key: str | None = None
-    allow_local_files: Path | None = None
-    max_body_bytes: int = 20 * 2**20
-    max_images: int = 4
-    max_image_pixels: int = 25_000_000
-    request_timeout_s: float = 300.0
-    default_max_tokens: int = 256
-    default_temperature: float = 1.0  # OpenAI's default when a request sets none
-
-
-class APIError(Exception):
-    """An error answered in OpenAI's shape."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-# --- request schema (OpenAI's chat completions, the fields this server uses) -------------------
-class _ImageURL(BaseModel):
-    url: str
-    detail: str | None = None
-
-
-class _ContentPart(BaseModel):
-    type: Literal["text", "image_url"]
-    text: str | None = None
-    image_url: _ImageURL | str | None = None
-
-
-class _Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[_ContentPart] | None = None
-    name: str | None = None
-
-
-class _StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
-    """The body of POST /v1/chat/completions; unknown OpenAI fields are accepted and ignored."""
-
-    model_config = ConfigDict(extra="allow")
-
-    model: str
-    messages: list[_Message] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = None
-    stream: bool = False
-    stream_options: _StreamOptions | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)  # not OpenAI: extra_body
-
-
-# --- helpers ------------------------------------------------------------------------------------
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it passes `limit` bytes."""
-    too_large = APIError(
-        413,
-        f"request body larger than the server's limit of {limit} bytes; send smaller images",
-        param=None,
-        code="request_too_large",
-    )
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _validation_error(err: ValidationError) -> APIError:
-    first = err.errors()[0]
-    param = ".".join(str(p) for p in first.get("loc", ())) or None
-    return APIError(400, f"invalid value for {param or 'the body'}: {first.get('msg')}", param=param)
+def _stops(body: ChatCompletionRequest) -> list[str]:
+    """The request's stop strings, or 400 when there are too many or one is too long."""
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise APIError(400, f"a stop string has at most {MAX_STOP_CHARS} characters", param="stop")
+    return stop
 
 
 class RequestHandler:
@@ -158,6 +70,60 @@ class RequestHandler:
         self.batcher = batcher
         self.config = config
         self.pipeline = batcher.pipeline
+        self.preparing = 0  # admitted requests not yet queued on the batcher (event loop only)
+        self._prepare_slots: asyncio.Semaphore | None = None
+        vocab = self.pipeline.tokenizer.get_vocab()
+        # No token stands for more characters than its longest spelling (x2 for normalisation that
+        # merges characters), so text longer than this cannot fit the context, untokenized.
+        self.max_text_chars = 2 * max(map(len, vocab), default=1) * self.pipeline.max_context
+
+    # --- admission ---------------------------------------------------------------------------
+    def _busy(self) -> APIError:
+        b = self.batcher
+        return APIError(
+            503,
+            f"server busy: {b.active} requests running, {b.queued} waiting and {self.preparing} being "
+            f"read (limit {b.capacity}); retry later",
+            type="server_error",
+            code="server_busy",
+            headers={"Retry-After": "1"},
+        )
+
+    @asynccontextmanager
+    async def admit(self):
+        """A place for one request, held while it is read and prepared: 503 at once when the
+        batcher's places are all taken or promised."""
+        b = self.batcher
+        if b.active + b.queued + self.preparing >= b.capacity:
+            b.purge()  # requests already given up on hold no place
+            if b.active + b.queued + self.preparing >= b.capacity:
+                b.stats.rejected += 1
+                raise self._busy()
+        self.preparing += 1
+        try:
+            yield
+        finally:
+            self.preparing -= 1
+
+    @asynccontextmanager
+    async def preparation(self):
+        """One of the `max_preparing` slots for parsing a body and decoding its images (CPU and
+        memory); reading the body from the network does not hold one."""
+        if self._prepare_slots is None:
+            self._prepare_slots = asyncio.Semaphore(max(1, self.config.max_preparing))
+        async with self._prepare_slots:
+            yield
+
+    async def read(self, request: Request, deadline: float) -> bytes:
+        """The body (413 past the limit), or 408 when it has not all arrived by the deadline."""
+        try:
+            return await asyncio.wait_for(
+                read_body(request, self.config.max_body_bytes), max(deadline - time.monotonic(), 0.001)
+            )
+        except asyncio.TimeoutError:
+            raise APIError(
+                408, "the request body did not arrive within the server's timeout", code="timeout"
+            ) from None
 
     # --- images ------------------------------------------------------------------------------
     def _image_source(self, url: str, param: str):
@@ -206,12 +172,28 @@ class RequestHandler:
             )
         return resolved
 
-    def _load_image(self, url: str, param: str):
-        source = self._image_source(url, param)
-        try:
-            return load_image(source, max_pixels=self.config.max_image_pixels, name=param)
-        except ImageError as err:
-            raise APIError(400, str(err), param=param, code="invalid_image") from None
+    def _load_images(self, image_urls: list[tuple[str, str]]) -> list:
+        """Decode a request's images; each is checked (from its header) against what is left of
+        the request's pixel budget before it is decoded."""
+        images, left = [], self.config.max_request_pixels
+        for url, param in image_urls:
+            source = self._image_source(url, param)
+            limit = min(self.config.max_image_pixels, left)
+            if limit < 1:
+                raise APIError(
+                    400,
+                    f"{param}: the request's images have more than {self.config.max_request_pixels} "
+                    "pixels together; send fewer or smaller images",
+                    param=param,
+                    code="invalid_image",
+                )
+            try:
+                image = load_image(source, max_pixels=limit, name=param)
+            except ImageError as err:
+                raise APIError(400, str(err), param=param, code="invalid_image") from None
+            left -= image.width * image.height
+            images.append(image)
+        return images
 
     # --- request -> ticket inputs ------------------------------------------------------------
     def _messages(self, body: ChatCompletionRequest) -> tuple[list[dict], list[tuple[str, str]]]:
@@ -252,7 +234,18 @@ class RequestHandler:
                     f"messages.{i}: the text contains {IMAGE_TOKEN}; send images as image_url parts",
                     param=f"messages.{i}.content",
                 )
-            turns.append({"role": role, "content": (IMAGE_TOKEN + "\n") * n_images + text})
+            # "<image>" tags as predict and the Python API place them (interleaved parts keep their order).
+            parts = [] if isinstance(content, str) else [part.model_dump() for part in content]
+            turns.append({"role": role, "content": text if isinstance(content, str) else content_text(parts)})
+        chars = sum(len(t["content"]) for t in turns)
+        if chars > self.max_text_chars:
+            raise APIError(
+                400,
+                f"the messages have {chars} characters, more than the model's context of "
+                f"{self.pipeline.max_context} tokens can hold; shorten them",
+                param="messages",
+                code="context_length_exceeded",
+            )
         if len(image_urls) > self.config.max_images:
             raise APIError(
                 400,
@@ -283,9 +276,7 @@ class RequestHandler:
                 param="max_tokens",
                 code="context_length_exceeded",
             )
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stop) > 16:
-            raise APIError(400, "at most 16 stop strings", param="stop")
+        stop = _stops(body)
         try:
             return GenerationConfig(
                 max_new_tokens=requested or min(self.config.default_max_tokens, room),
@@ -295,8 +286,8 @@ class RequestHandler:
                 stop=stop,
                 seed=body.seed,
             ).validate()
-        except ConfigError as err:
-            raise APIError(400, str(err)) from None
+        except ConfigError as err:  # its message starts with the field's name
+            raise APIError(400, str(err), param=str(err).split(" ", 1)[0]) from None
 
     def prepare(self, raw: bytes) -> tuple[ChatCompletionRequest, Any, GenerationConfig]:
         """Body bytes -> (request, encoded conversation, generation config); runs in a thread."""
@@ -304,12 +295,14 @@ class RequestHandler:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+        except RecursionError:
+            raise APIError(400, "the body's JSON is nested too deeply", code="invalid_json") from None
         if not isinstance(data, dict):
             raise APIError(400, "the body must be a JSON object", code="invalid_json")
         try:
             body = ChatCompletionRequest.model_validate(data)
         except ValidationError as err:
-            raise _validation_error(err) from None
+            raise validation_error(err) from None
         if body.model != self.config.model_name:
             raise APIError(
                 404,
@@ -319,8 +312,9 @@ class RequestHandler:
             )
         if body.n not in (None, 1):
             raise APIError(400, "only n=1 is supported", param="n")
+        _stops(body)  # cheap checks before the costly image decoding
         turns, image_urls = self._messages(body)
-        images = [self._load_image(url, param) for url, param in image_urls]
+        images = self._load_images(image_urls)
         try:
             encoded = self.pipeline.encode(GenerationRequest(turns, images))
         except TemplateError as err:
@@ -329,7 +323,9 @@ class RequestHandler:
             raise APIError(400, str(err), param="messages", code="invalid_image") from None
         return body, encoded, self._generation_config(body, len(encoded.input_ids))
 
-    def submit(self, encoded, config: GenerationConfig, pieces: bool) -> tuple[Ticket, asyncio.Queue]:
+    def submit(
+        self, encoded, config: GenerationConfig, pieces: bool, deadline: float | None = None
+    ) -> tuple[Ticket, asyncio.Queue]:
         """Queue on the batcher; events arrive on the returned queue (text pieces only if `pieces`)."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[StreamEvent] = asyncio.Queue()
@@ -339,11 +335,9 @@ class RequestHandler:
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         try:
-            ticket = self.batcher.submit(encoded, config, sink)
-        except QueueFullError as err:
-            raise APIError(
-                503, str(err), type="server_error", code="server_busy", headers={"Retry-After": "1"}
-            ) from None
+            ticket = self.batcher.submit(encoded, config, sink, deadline)
+        except QueueFullError:
+            raise self._busy() from None
         except EngineClosedError as err:
             raise APIError(503, str(err), type="server_error", code="shutting_down") from None
         except ConfigError as err:
@@ -382,16 +376,3 @@ class Events:
                 )
             except asyncio.TimeoutError:
                 continue
-
-
-def sse(data: dict | str) -> str:
-    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
-    return f"data: {payload}\n\n"
-
-
-def usage(result) -> dict:
-    return {
-        "prompt_tokens": result.prompt_tokens,
-        "completion_tokens": result.completion_tokens,
-        "total_tokens": result.prompt_tokens + result.completion_tokens,
-    }

@@ -6,12 +6,19 @@ batch (flushed and fsynced) before starting the next, so a killed run loses at m
 a rerun continues where it stopped. A batch the pipeline refuses (bad image, prompt too long) is
 retried one request at a time, so only the bad requests fail. `convllava-jp predict`
 (`predict_file`) and the eval runner both use it.
+
+`predict_file` reads its input split on "\n" only (U+2028 and the like stay inside a record), ids a
+record by its "id" / "question_id" or else by a hash of its content (editing other lines never
+shifts it), and lists every record it could not answer (malformed, bad image, too long) in
+`errors_path(OUT)` instead of stopping.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -143,19 +150,62 @@ def predict_to_file(
 # --- convllava-jp predict ------------------------------------------------------------------------
 
 
-def read_records(path: Path) -> list[tuple[str, dict]]:
-    """(id, record) of each JSONL line; id from "id", "question_id", or the line number."""
-    records: list[tuple[str, dict]] = []
-    seen: set[str] = set()
+class InputRecord(NamedTuple):
+    """One input line: its id, line number, the parsed value, and why it cannot be used (or None)."""
+
+    id: str
+    line: int
+    record: Any
+    problem: str | None = None
+
+
+def errors_path(output: str | Path) -> Path:
+    """Where `predict_file` lists the records of its latest run that got no answer.
+
+    Beside the output: ``answers.jsonl`` -> ``answers.errors.jsonl``.
+    """
+    output = Path(output)
+    return output.with_name(f"{output.stem}.errors.jsonl")
+
+
+def content_id(record: Any) -> str:
+    """A record's id when it has none: a hash of its content, so editing other lines never shifts it."""
+    canonical = json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def read_records(path: Path) -> list[InputRecord]:
+    """Every JSON line of an input file with its id: "id", else "question_id", else `content_id`.
+
+    A line that is not JSON refuses the whole file (DataError naming the line). A line that is not
+    an object, has an unusable id or repeats an id is returned with its `problem` set.
+    """
+    records: list[InputRecord] = []
+    first_line: dict[str, int] = {}
+    copies: Counter[str] = Counter()  # records with the same content and no id: hash, hash~2, ...
     for number, record in iter_jsonl(path, strict=True):
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: each line must be a JSON object")
-        rid = str(record.get("id", record.get("question_id", number)))
-        if rid in seen:
-            raise DataError(f"{path}:{number}: id {rid!r} appears twice; ids must be unique")
-        seen.add(rid)
-        records.append((rid, record))
+        rid, problem = _record_id(record)
+        if problem is None and "id" not in record and "question_id" not in record:
+            copies[rid] += 1
+            if copies[rid] > 1:
+                rid = f"{rid}~{copies[rid]}"
+        if problem is None and rid in first_line:
+            problem = f"id {rid!r} appears twice (first on line {first_line[rid]}); ids must be unique"
+        first_line.setdefault(rid, number)
+        records.append(InputRecord(rid, number, record, problem))
     return records
+
+
+def _record_id(record: Any) -> tuple[str, str | None]:
+    if not isinstance(record, dict):
+        return content_id(record), f"expected a JSON object, got {type(record).__name__}"
+    for key in ("id", "question_id"):
+        if key in record:
+            value = record[key]
+            if isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool)):
+                return str(value), None
+            return content_id(record), f"{key!r} must be a string or an integer, got {value!r}"
+    return content_id(record), None
 
 
 def record_request(rid: str, record: Mapping[str, Any], root: Path) -> Any:
@@ -167,15 +217,44 @@ def record_request(rid: str, record: Mapping[str, Any], root: Path) -> Any:
         raw_images = []
     elif isinstance(raw_images, str):
         raw_images = [raw_images]
-    if not isinstance(raw_images, list) or not all(isinstance(x, str) for x in raw_images):
+    if not isinstance(raw_images, list) or not all(isinstance(x, str) and x for x in raw_images):
         raise DataError(f"record {rid}: image / images must be a path or a list of paths")
     images = [p if Path(p).is_absolute() else str(root / p) for p in raw_images]
     if "messages" in record:
-        return GenerationRequest(record["messages"], images)
+        from ..errors import TemplateError
+
+        try:  # content lists: image parts become <image> tags in place (model.templates.split_content_parts)
+            request = GenerationRequest(_checked_messages(rid, record["messages"]), images)
+        except TemplateError as err:
+            raise DataError(f"record {rid}: {err}") from None
+        request.images = [
+            p if not isinstance(p, str) or Path(p).is_absolute() else str(root / p) for p in request.images
+        ]
+        return request
     question = record.get("question", record.get("text", record.get("prompt")))
     if not isinstance(question, str):
         raise DataError(f"record {rid}: needs a 'question' string (or 'messages')")
     return GenerationRequest(VLMPipeline.question_messages(question, len(images)), images)
+
+
+def _checked_messages(rid: str, messages: Any) -> list[dict]:
+    """`messages` if it is a non-empty list of role/content objects the templates can read."""
+    from ..errors import TemplateError
+    from ..model.templates import normalize_messages
+
+    shape = 'a non-empty list of {"role": ..., "content": ...} objects'
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise DataError(f"record {rid}: 'messages' must be {shape}, got {json.dumps(messages)[:80]}")
+    for i, message in enumerate(messages):
+        role = message.get("role", message.get("from"))
+        content = message.get("content", message.get("value"))
+        if not isinstance(role, str) or not isinstance(content, (str, list)):
+            raise DataError(f"record {rid}: messages[{i}] needs a string role and a string or list content")
+    try:
+        normalize_messages(messages)
+    except (TemplateError, TypeError, ValueError, AttributeError) as err:
+        raise DataError(f"record {rid}: messages: {err}") from None
+    return messages
 
 
 def _answer_row(prediction: Prediction) -> dict | None:
@@ -191,6 +270,30 @@ def _answer_row(prediction: Prediction) -> dict | None:
     }
 
 
+class _ErrorLog:
+    """`errors_path(OUT)`: one {"id", "line", "error"} line per failed record, appended durably.
+
+    It describes the latest run only: a stale one is removed when the run starts.
+    """
+
+    def __init__(self, path: Path, lines: Mapping[str, int]):
+        self.path, self.lines, self.count = path, lines, 0
+        self._out: JsonlAppender | None = None
+        path.unlink(missing_ok=True)
+
+    def add(self, rid: str, error: object, logged: bool = False) -> None:
+        if not logged:
+            log.error("record %s: %s", rid, error)
+        if self._out is None:
+            self._out = JsonlAppender(self.path)
+        self._out.write([{"id": rid, "line": self.lines.get(rid), "error": str(error)}])
+        self.count += 1
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+
+
 def predict_file(
     input_path: str | Path,
     output_path: str | Path,
@@ -201,27 +304,38 @@ def predict_file(
 ) -> int:
     """`convllava-jp predict`: answer every record of a JSONL file; returns how many failed.
 
-    Failed records (malformed, missing image, too long) are logged and not written, so a rerun
-    retries them. The model is loaded only when something is left to answer.
+    Failed records (malformed, missing image, too long) are logged, listed in `errors_path(OUT)`
+    and not written to OUT, so a rerun retries them. The model is loaded only when something is
+    left to answer.
     """
     inp, outp = Path(input_path), Path(output_path)
     root = Path(image_root) if image_root else inp.parent
-    requests, failed = [], 0
     records = read_records(inp)
     done = done_ids(outp)
-    for rid, record in records:
-        if rid in done:
-            requests.append((rid, None))  # skipped by predict_to_file
-            continue
-        try:
-            requests.append((rid, record_request(rid, record, root)))
-        except DataError as err:
-            log.error("record %s: %s", rid, err)
-            failed += 1
-    predictions = predict_to_file(load_pipeline, requests, config, batch_size, outp, _answer_row)
-    failed += sum(1 for p in predictions.values() if p.error is not None)
+    errors = _ErrorLog(errors_path(outp), {r.id: r.line for r in records})
+    requests = []
+    try:
+        for item in records:
+            if item.problem is not None:
+                errors.add(item.id, f"line {item.line}: {item.problem}")
+            elif item.id in done:
+                requests.append((item.id, None))  # skipped by predict_to_file
+            else:
+                try:
+                    requests.append((item.id, record_request(item.id, item.record, root)))
+                except DataError as err:
+                    errors.add(item.id, err)
+
+        def to_row(prediction: Prediction) -> dict | None:
+            if prediction.error is not None:
+                errors.add(prediction.id, prediction.error, logged=True)  # generate_in_batches did
+            return _answer_row(prediction)
+
+        predictions = predict_to_file(load_pipeline, requests, config, batch_size, outp, to_row)
+    finally:
+        errors.close()
     if predictions:
         log.info("wrote %d answers to %s", sum(1 for p in predictions.values() if p.error is None), outp)
-    if failed:
-        log.error("%d records failed (see above); rerun to retry them", failed)
-    return failed
+    if errors.count:
+        log.error("%d records failed (listed in %s); rerun to retry them", errors.count, errors.path)
+    return errors.count

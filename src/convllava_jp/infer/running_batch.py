@@ -2,11 +2,14 @@
 
 Rows join (`RunningBatch.extend`: both caches left-padded to one length) and leave
 (`RunningBatch.keep`: padding no remaining row needs is trimmed) between decode steps;
-`sample_tokens` picks each row's next token with that row's own settings.
+`subset` copies some rows out (a failed step is retried row by row) and `truncate_cache` undoes a
+step that failed half way. `sample_tokens` picks each row's next token with that row's own
+settings and names the rows whose scores no sampler can use (NaN, nothing allowed).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -16,7 +19,7 @@ from ..errors import ConfigError
 from .decoding import IncrementalDecoder
 
 if TYPE_CHECKING:
-    from .batching import Ticket
+    from .tickets import Ticket
 
 
 @dataclass
@@ -94,6 +97,20 @@ class RunningBatch:
         self.next_token = self.next_token[idx]
         self.rows = [self.rows[i] for i in keep]
 
+    def subset(self, keep: list[int]) -> RunningBatch:
+        """A new batch of copies of the rows at `keep`; this one is left as it is."""
+        cache = copy.copy(self.cache)
+        cache.layers = [copy.copy(layer) for layer in check_cache_layers(self.cache)]
+        new = RunningBatch(cache, self.mask, self.positions, self.next_token, list(self.rows))
+        new.keep(keep)
+        return new
+
+    def truncate_cache(self, length: int) -> None:
+        """Drop cache columns past `length` (what a failed step had already appended to some layers)."""
+        for layer in check_cache_layers(self.cache):
+            layer.keys = layer.keys[:, :, :length]
+            layer.values = layer.values[:, :, :length]
+
 
 def suppressed_ids(model, device: torch.device) -> torch.Tensor | None:
     """The ids in the model's `generation_config.suppress_tokens` (e.g. the image placeholder)."""
@@ -102,8 +119,12 @@ def suppressed_ids(model, device: torch.device) -> torch.Tensor | None:
     return torch.tensor(ids, dtype=torch.long, device=device) if ids else None
 
 
-def sample_tokens(logits: torch.Tensor, rows: list[Row], suppress: torch.Tensor | None) -> torch.Tensor:
-    """Next token of each row, (B,), with each row's penalty, temperature and top-p.
+def sample_tokens(
+    logits: torch.Tensor, rows: list[Row], suppress: torch.Tensor | None
+) -> tuple[torch.Tensor, list[int]]:
+    """Next token of each row, (B,), with each row's penalty, temperature and top-p; and the
+    indices of the rows that cannot be decoded (a NaN score, no token allowed, or sampling
+    probabilities that are not finite): their tokens are meaningless, the caller fails them alone.
 
     The `suppress` ids are never picked, as with transformers' `generate` and `suppress_tokens`.
     """
@@ -116,18 +137,27 @@ def sample_tokens(logits: torch.Tensor, rows: list[Row], suppress: torch.Tensor 
     if suppress is not None:
         logits[:, suppress[suppress < logits.shape[-1]]] = float("-inf")
     tokens = logits.argmax(-1)
-    for i, row in enumerate(rows):
-        if row.generator is None:
-            continue
-        cfg = row.ticket.config
-        scores = logits[i] / cfg.temperature
-        if cfg.top_p < 1.0:
-            # As transformers' TopPLogitsWarper: drop the low tail whose mass is <= 1 - top_p.
-            sorted_scores, order = torch.sort(scores)
-            cumulative = sorted_scores.softmax(-1).cumsum(-1)
-            remove = cumulative <= 1 - cfg.top_p
-            remove[-1] = False
-            scores[order[remove]] = float("-inf")
-        probs = scores.softmax(-1)
-        tokens[i] = torch.multinomial(probs, 1, generator=row.generator)[0]
-    return tokens
+    bad = torch.isnan(logits).any(-1) | (logits == float("-inf")).all(-1)
+    sampled = [i for i, row in enumerate(rows) if row.generator is not None]
+    if sampled:
+        probs = torch.stack([_probabilities(logits[i], rows[i].ticket.config) for i in sampled])
+        usable = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+        bad[sampled] |= ~usable
+    failed = bad.nonzero().flatten().tolist()  # the one host sync of the sampler
+    for j, i in enumerate(sampled):
+        if i not in failed:
+            tokens[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
+    return tokens, failed
+
+
+def _probabilities(scores: torch.Tensor, cfg) -> torch.Tensor:
+    """One row's sampling distribution: temperature, then top-p (as transformers' TopPLogitsWarper)."""
+    scores = scores / cfg.temperature
+    if cfg.top_p < 1.0:
+        # Drop the low tail whose mass is <= 1 - top_p; the most likely token always stays.
+        sorted_scores, order = torch.sort(scores)
+        cumulative = sorted_scores.softmax(-1).cumsum(-1)
+        remove = cumulative <= 1 - cfg.top_p
+        remove[-1] = False
+        scores[order[remove]] = float("-inf")
+    return scores.softmax(-1)

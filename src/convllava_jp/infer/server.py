@@ -3,7 +3,10 @@
 Requests are parsed and their images decoded in a thread pool (`openai_api.RequestHandler`), then
 queued on one `ContinuousBatcher`, so concurrent requests are decoded together. Every bad input
 gets a 4xx in OpenAI's error shape `{"error": {"message", "type", "param", "code"}}` and the server
-keeps serving; a client that goes away mid-request frees its batch slot.
+keeps serving; a client that goes away mid-request frees its batch slot. A 5xx says "internal
+error" and an id; what went wrong is in the log under that id, never in the answer. POST bodies
+must be `application/json` (415: a web page cannot send one without a CORS preflight), and a
+server bound to loopback answers only requests whose Host header names loopback (DNS rebinding).
 
 The `openai` Python client works unchanged: `OpenAI(base_url="http://HOST:PORT/v1", api_key=K)`.
 """
@@ -11,6 +14,7 @@ The `openai` Python client works unchanged: `OpenAI(base_url="http://HOST:PORT/v
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 import secrets
 import socket
@@ -27,8 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError
-from .batching import ContinuousBatcher, Ticket
-from .openai_api import APIError, Events, RequestHandler, ServerConfig, read_body, sse, usage
+from .batching import ContinuousBatcher, EngineClosedError, Ticket
+from .openai_api import APIError, Events, RequestHandler, ServerConfig, sse, usage
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +52,37 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, err: Exception) -> JSONResponse:
-        log.exception("internal error on %s", request.url.path)
-        return APIError(500, f"internal server error: {type(err).__name__}", type="server_error").response()
+        return internal_error(err, request.url.path).response()
+
+
+def internal_error(err: BaseException, where: str) -> APIError:
+    """A 500 whose body says only "internal error" and an id; the detail is logged under the id."""
+    error_id = secrets.token_hex(6)
+    detail = f"{type(err).__name__}: {err}"
+    if err.__cause__ is not None:
+        detail += f" (caused by {type(err.__cause__).__name__}: {err.__cause__})"
+    log.error("internal error %s on %s: %s", error_id, where, detail, exc_info=err)
+    return APIError(500, f"internal error (id {error_id})", type="server_error", code="internal_error")
+
+
+def generation_error(err: BaseException, where: str) -> APIError:
+    """A request's failure in the batcher as an HTTP error: 504, 503, or an internal error."""
+    if isinstance(err, TimeoutError):
+        return APIError(504, "no answer within the server's timeout", type="timeout", code="timeout")
+    if isinstance(err, EngineClosedError):
+        return APIError(503, str(err), type="server_error", code="shutting_down")
+    return internal_error(err, where)
+
+
+def _check_json(request: Request) -> None:
+    """415 unless the body is declared `application/json` (what a page can send with no preflight is not)."""
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != "application/json":
+        raise APIError(
+            415,
+            f"Content-Type must be application/json, got {media_type or 'none'!r}",
+            code="unsupported_media_type",
+        )
 
 
 def _check_key(config: ServerConfig, request: Request) -> None:
@@ -134,12 +167,12 @@ class _Completion:
 
 
 async def _wait_result(ticket: Ticket, events: Events) -> Any:
-    """The ticket's result (its error raised); the ticket is cancelled however this ends."""
+    """The ticket's result (its error raised as an APIError); the ticket is cancelled however this ends."""
     try:
         while True:
             event = await events.next()
             if event.error is not None:
-                raise event.error
+                raise generation_error(event.error, f"request {ticket.id}")
             if event.result is not None:
                 return event.result
     finally:
@@ -162,8 +195,7 @@ async def _stream(
             if event.piece:
                 yield completion.chunk({"content": event.piece})
             if event.error is not None:
-                log.error("request %d failed: %s", ticket.id, event.error)
-                yield sse(APIError(500, f"generation failed: {event.error}", type="server_error").body())
+                yield sse(generation_error(event.error, f"request {ticket.id}").body())
                 break
             if event.result is not None:
                 yield completion.chunk({}, finish_reason=event.result.finish_reason)
@@ -182,10 +214,13 @@ def _add_chat_route(app: FastAPI, handler: RequestHandler, config: ServerConfig)
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _check_key(config, request)
+        _check_json(request)
         deadline = time.monotonic() + config.request_timeout_s
-        raw = await read_body(request, config.max_body_bytes)
-        body, encoded, gen_config = await run_in_threadpool(handler.prepare, raw)
-        ticket, queue = handler.submit(encoded, gen_config, pieces=body.stream)
+        async with handler.admit():  # 503 before the body is read when every place is taken
+            raw = await handler.read(request, deadline)
+            async with handler.preparation():
+                body, encoded, gen_config = await run_in_threadpool(handler.prepare, raw)
+            ticket, queue = handler.submit(encoded, gen_config, pieces=body.stream, deadline=deadline)
         events = Events(queue, request, deadline, config.request_timeout_s)
         completion = _Completion(config.model_name)
         if body.stream:
@@ -215,10 +250,75 @@ def create_app(
 
     app = FastAPI(title="ConvLLaVA-JP", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.handler = handler
+    if config.bind_host is not None and is_loopback(config.bind_host):
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)
     _add_error_handlers(app)
     _add_model_routes(app, batcher, config)
     _add_chat_route(app, handler, config)
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a bind address or Host name is this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without the port."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1 : header.find("]")] if "]" in header else header
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostCheck:
+    """ASGI middleware: 400 unless the Host header names loopback or an allowed host.
+
+    A page on another site that rebinds its DNS name to 127.0.0.1 still sends its own name as Host.
+    """
+
+    def __init__(self, app, allowed: tuple[str, ...] = ()):
+        self.app = app
+        self.allowed = {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            header = dict(scope.get("headers") or []).get(b"host", b"").decode("latin-1")
+            name = _host_name(header)
+            if header and not is_loopback(name) and name not in self.allowed:
+                if scope["type"] == "websocket":
+                    await send({"type": "websocket.close", "code": 1008})
+                    return
+                body = APIError(
+                    400,
+                    f"Host {header!r} is not served here (a loopback server answers loopback names; "
+                    "start it with --allow-host NAME for a proxy that keeps the client's Host)",
+                    code="invalid_host",
+                ).body()
+                response = JSONResponse(body, status_code=400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def warn_if_exposed(host: str, api_key: str | None) -> None:
+    """A loud start-up warning when anyone on the network can use the server without a key."""
+    if api_key or is_loopback(host):
+        return
+    line = "!" * 78
+    log.warning(
+        "\n%s\nlistening on %s with NO API KEY: anyone who can reach this address can use the model.\n"
+        "Set --api-key or CONVLLAVA_API_KEY, or bind to 127.0.0.1 behind a proxy (docs/serving.md).\n%s",
+        line,
+        host,
+        line,
+    )
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -250,6 +350,8 @@ def serve(
     batcher: ContinuousBatcher, config: ServerConfig, host: str = "127.0.0.1", port: int = 8000
 ) -> None:
     """Serve a (not yet started) batcher until interrupted (`convllava-jp serve`)."""
+    if config.bind_host is None:
+        config.bind_host = host
     run_app(create_app(batcher, config), host, port)
 
 
@@ -261,6 +363,8 @@ def serve_model(
 ) -> None:
     """`convllava-jp serve`: check the port and options first, then load the model and serve."""
     bind_socket(host, port).close()  # fail before loading the model if the port is taken
+    config.bind_host = host
+    warn_if_exposed(host, config.api_key)
     if config.allow_local_files is not None:
         allow = Path(config.allow_local_files)
         if not allow.is_dir():

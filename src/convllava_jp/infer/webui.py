@@ -4,10 +4,13 @@
 API under `/v1` (see `server.py`); both share one `ContinuousBatcher`, so several browser tabs are
 decoded together. The chat handler is exposed to `gradio_client` as `/chat` (inputs: image,
 question, history, max_new_tokens, temperature; output: the updated history) and `/reset`.
+With an API key (`--api-key` or CONVLLAVA_API_KEY) the API needs it as a Bearer token and the
+page asks for it as the password (any user name).
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -33,6 +36,21 @@ def _text(content) -> str:
     if isinstance(content, (list, tuple)):
         return "".join(_text(part) for part in content)
     return str(content)
+
+
+def _uploaded_path(payload) -> str | None:
+    """The uploaded file's path, undecoded: `load_image` decodes it later (accepted formats only).
+
+    gradio's `Image.preprocess` opens uploads with every Pillow plugin and may convert or re-save
+    them (an EPS would run Ghostscript); data URLs are refused, the browser uploads files.
+    """
+    if payload is None:
+        return None
+    if getattr(payload, "path", None) is None:
+        import gradio as gr
+
+        raise gr.Error("upload the image as a file")
+    return str(payload.path)
 
 
 def history_pairs(history: list[dict] | None) -> list[tuple[str, str]]:
@@ -82,6 +100,7 @@ def build_webui(
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(type="filepath", label="画像", sources=["upload", "clipboard"])
+                image.preprocess = _uploaded_path  # gradio's own would decode it with every plugin
                 with gr.Accordion("生成の設定", open=False):
                     max_new_tokens = gr.Slider(
                         1, 1024, value=default_max_new_tokens, step=1, label="最大トークン数"
@@ -118,19 +137,35 @@ def launch_webui(
     model_name: str = "convllava-jp",
     default_max_new_tokens: int = 256,
     request_timeout_s: float = 300.0,
+    api_key: str | None = None,
+    allowed_hosts: tuple[str, ...] = (),
 ) -> None:
     """Serve the web UI at `/` and the OpenAI-compatible API under `/v1` until interrupted."""
     require_gradio()
     import gradio as gr
 
-    from .server import ServerConfig, create_app, run_app
+    from .server import ServerConfig, create_app, run_app, warn_if_exposed
 
+    warn_if_exposed(host, api_key)
     config = ServerConfig(
-        model_name=model_name, default_max_tokens=default_max_new_tokens, request_timeout_s=request_timeout_s
+        model_name=model_name,
+        api_key=api_key,
+        default_max_tokens=default_max_new_tokens,
+        request_timeout_s=request_timeout_s,
+        bind_host=host,
+        allowed_hosts=allowed_hosts,
     )
     app = create_app(batcher, config)
     demo = build_webui(batcher, default_max_new_tokens, request_timeout_s)
-    app = gr.mount_gradio_app(app, demo, path="/", footer_links=["api"], run_history=False, ssr_mode=False)
+    auth = None
+    if api_key:
+
+        def auth(username: str, password: str) -> bool:
+            return hmac.compare_digest(str(password).encode(), api_key.encode())
+
+    app = gr.mount_gradio_app(
+        app, demo, path="/", footer_links=["api"], run_history=False, ssr_mode=False, auth=auth
+    )
     run_app(app, host, port)
 
 

@@ -4,6 +4,11 @@ Every directory a later run reads is written beside its final name and renamed i
 when complete (`io.publish_dir`), so a run killed at any moment leaves the previous checkpoint or
 model loadable. `checkpoint-N` holds the Trainer's files (`trainer_state.json` marks it complete)
 plus the skipped-record counts (`skip_tracker.json`).
+
+Deleting is the same in reverse: a directory is first renamed to a hidden name (one atomic step),
+then removed, so a kill midway never leaves a half-deleted `checkpoint-N` that still looks complete.
+A kill between `publish_dir`'s two renames (old moved aside, new not yet in place) is undone at the
+next start: `restore_moved_aside` puts the old directory back.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,13 +49,42 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=_step)
 
 
+def delete_dir(path: Path) -> None:
+    """Remove a directory: renamed to a hidden `.NAME.deleting-*` first, then deleted.
+
+    The rename is atomic, so a kill at any moment leaves the directory whole under its name, or
+    gone from it; `clean_run_dir` removes a hidden leftover at the next start.
+    """
+    hidden = path.parent / f".{path.name}.deleting-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(path, hidden)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def restore_moved_aside(path: Path) -> bool:
+    """Put back the old `path` that `io.publish_dir` moved aside (`.NAME.old-*`) if a kill came
+    before the new one was renamed into place; True if it did. The aside copy is whole: it is only
+    deleted after the new directory is in place.
+    """
+    if path.exists():
+        return False
+    aside = sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not aside:
+        return False
+    os.replace(aside[-1], path)
+    log.warning("restored %s, moved aside by a publish that was interrupted", path)
+    return True
+
+
 def rotate_checkpoints(run_dir: Path, limit: int | None) -> None:
     """Delete the oldest complete checkpoints beyond `limit` (None or 0: keep all)."""
     if not limit:
         return
     ckpts = complete_checkpoints(run_dir)
     for old in ckpts[: max(len(ckpts) - limit, 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        delete_dir(old)
 
 
 def resolve_resume(run_dir: Path, resume: str | bool | None) -> Path | None:
@@ -69,7 +104,12 @@ def resolve_resume(run_dir: Path, resume: str | bool | None) -> Path | None:
 
 
 def clean_run_dir(run_dir: Path, start_over: bool, stage_name: str) -> None:
-    """Remove what a killed run left half-written; with `start_over`, the old checkpoints too."""
+    """Remove what a killed run left half-written; with `start_over`, the old checkpoints too.
+
+    A checkpoint that an interrupted publish had moved aside is put back first.
+    """
+    for aside in run_dir.glob(".checkpoint-*.old-*"):
+        restore_moved_aside(run_dir / aside.name[1:].split(".old-")[0])
     for stale in [*run_dir.glob(".staging-*"), *run_dir.glob(".checkpoint-*")]:
         shutil.rmtree(stale, ignore_errors=True)
     if start_over:
@@ -77,7 +117,7 @@ def clean_run_dir(run_dir: Path, start_over: bool, stage_name: str) -> None:
         if old:
             log.warning("stage %s: starting over; removing %d old checkpoints", stage_name, len(old))
             for path in old:
-                shutil.rmtree(path, ignore_errors=True)
+                delete_dir(path)
 
 
 def checkpoint_staging(run_dir: Path, step: int) -> Path:
@@ -133,6 +173,7 @@ def publish_model_dir(model_dir: Path, extra: Callable[[Path], None]) -> None:
         (tmp / "training_args.bin").unlink(missing_ok=True)  # the Trainer's pickle; not model data
         extra(tmp)
 
+    restore_moved_aside(model_dir)  # an earlier publish killed between its renames
     publish_dir(model_dir, write, replace_if=lambda _: True)
     shutil.rmtree(staging, ignore_errors=True)
     for leftover in model_dir.parent.glob(f".{model_dir.name}.*-*"):  # of a publish killed midway

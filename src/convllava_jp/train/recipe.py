@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from ..data.constants import TEMPLATE_NAMES
 from ..data.records import DataSource
 from ..errors import ConfigError
 
@@ -95,6 +96,9 @@ class StageConfig:
     max_grad_norm: float = 1.0
     lora: LoraSpec | None = None
     seed: int = 0
+    # Image preprocessing of this stage and of its output model: {mode, size, max_tokens}, e.g.
+    # {mode: keep-aspect, size: 2048, max_tokens: 576} for documents; None keeps the model's.
+    image: dict | None = None
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
@@ -138,9 +142,16 @@ class StageConfig:
             raise ConfigError(
                 f"stage {self.name}: precision must be one of {PRECISIONS}, got {self.precision!r}"
             )
-        if self.template not in ("plain", "llm-jp-v1"):
+        if self.image is not None and (
+            not isinstance(self.image, dict) or set(self.image) - {"mode", "size", "max_tokens"}
+        ):
             raise ConfigError(
-                f"stage {self.name}: template must be plain or llm-jp-v1, got {self.template!r}"
+                f"stage {self.name}: image must be a mapping of mode / size / max_tokens, got {self.image!r}"
+            )
+        if self.template not in (*TEMPLATE_NAMES, "default") and not Path(self.template).suffix:
+            raise ConfigError(
+                f"stage {self.name}: template must be one of {', '.join(TEMPLATE_NAMES)}, default (the "
+                f"model dir's own) or a .jinja file, got {self.template!r}"
             )
 
     def _coerce_numbers(self) -> None:

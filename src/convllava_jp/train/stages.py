@@ -26,11 +26,18 @@ from transformers import Trainer, TrainerCallback
 from ..data.collate import DataCollator
 from ..data.dataset import ConversationDataset
 from ..data.skips import SkipTracker
-from ..errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError, ConvLlavaError
 from ..io import read_json, write_json_atomic
 from ..model.modeling import parameter_counts
 from .arguments import training_arguments
-from .checkpoints import BeforePublish, clean_run_dir, model_staging, publish_model_dir, resolve_resume
+from .checkpoints import (
+    BeforePublish,
+    clean_run_dir,
+    model_staging,
+    publish_model_dir,
+    resolve_resume,
+    restore_moved_aside,
+)
 from .distributed import barrier, env_world, init_process_group
 from .freezing import apply_trainable
 from .lora import apply_lora, check_lora_supported, merge_lora, quantize_llm_4bit
@@ -135,6 +142,10 @@ def _load_stage_model(stage: StageConfig, init_dir: str | Path, out_dir: Path):
     from ..model.model_dir import load_model_dir
 
     model, processor = load_model_dir(init_dir, dtype=torch.float32)
+    if stage.image:
+        from ..model.image_processing import with_image_options
+
+        processor.image_processor = with_image_options(processor.image_processor, stage.image)
     if stage.lora is not None:
         apply_trainable(model, [t for t in stage.trainable if t != "llm"], allow_empty=True)
         if stage.lora.bits == 4:
@@ -154,11 +165,11 @@ def _load_stage_model(stage: StageConfig, init_dir: str | Path, out_dir: Path):
 def _restore(trainer: ConvLlavaTrainer, stage: StageConfig, resume: str | bool | None, is_main: bool):
     """The checkpoint to resume from (or None), with leftovers cleaned and skip counts restored."""
     run_dir = Path(trainer.args.output_dir)
-    checkpoint = resolve_resume(run_dir, resume)
-    if is_main:
+    if is_main:  # first: it may put back a checkpoint an interrupted publish had moved aside
         clean_run_dir(run_dir, start_over=not resume, stage_name=stage.name)
-    trainer.skip_accounting.restore(checkpoint)
     barrier()
+    checkpoint = resolve_resume(run_dir, resume)
+    trainer.skip_accounting.restore(checkpoint)
     if checkpoint:
         log.info("stage %s: resuming from %s", stage.name, checkpoint)
     return checkpoint
@@ -266,6 +277,7 @@ def run_stage(
         final_model = merge_lora(final_model, stage.lora, init_dir)
     final_model.config.use_cache = True
     final_model.language_model.config.use_cache = True
+    processor.record_trained_template(stage.template)  # inference then prompts as trained
     _publish_model(trainer, final_model, processor, out_dir / "model")
 
     result = _stage_result(stage, trainer, int(output.global_step), seconds, counts, out_dir / "model")
@@ -338,13 +350,31 @@ def train_recipe(
     for name in selected:
         init_dir = _stage_init_dir(recipe, name)
         out_dir = Path(recipe.output_dir) / f"stage{name}"
-        if (
-            resume is True
-            and (out_dir / "model" / "config.json").exists()
-            and (out_dir / RESULT_NAME).exists()
-        ):
+        finished = _finished_result(out_dir) if resume is True else None
+        if finished is not None:
             log.info("stage %s: already finished (%s); skipping", name, out_dir / "model")
-            results.append(read_stage_result(out_dir / RESULT_NAME))
+            results.append(finished)
             continue
         results.append(run_stage(recipe.stages[name], init_dir, out_dir, resume, callbacks, before_publish))
     return results
+
+
+def _finished_result(out_dir: Path) -> StageResult | None:
+    """The saved result of a finished stage, or None when the stage must (still) be trained.
+
+    A result.json that cannot be read (e.g. torn by a writer of an older version) means "not
+    finished": the stage trains again, resuming from its newest checkpoint, and rewrites it.
+    """
+    rank, world_size = env_world()
+    if world_size > 1:
+        init_process_group()  # every process must see the same answer: rank 0 repairs, then all read
+    if rank == 0:
+        restore_moved_aside(out_dir / "model")  # a kill between the model publish's two renames
+    barrier()
+    if not ((out_dir / "model" / "config.json").exists() and (out_dir / RESULT_NAME).exists()):
+        return None
+    try:
+        return read_stage_result(out_dir / RESULT_NAME)
+    except ConvLlavaError as err:
+        log.warning("stage %s: %s; training the stage again", out_dir.name, err)
+        return None

@@ -162,8 +162,14 @@ class ConvLlavaTrainer(Trainer):
         self.before_publish = before_publish
 
     def _get_train_sampler(self, train_dataset=None):
-        # The global batch (all processes) is one modality, so each step is all-image or all-text.
-        batch = self.args.per_device_train_batch_size * max(self.args.world_size, 1)
+        # The global batch (all processes, all accumulated micro-batches) is one modality, so each
+        # optimizer step is all-image or all-text, and the same samples make up each step however
+        # the global batch is split into processes and accumulation steps.
+        batch = (
+            self.args.per_device_train_batch_size
+            * max(self.args.world_size, 1)
+            * max(self.args.gradient_accumulation_steps, 1)
+        )
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return ModalityLengthGroupedSampler(self.lengths, batch, seed=seed)
 
