@@ -19,23 +19,27 @@ DEFAULT_JUDGE_MODEL = "gpt-4o-2024-11-20"  # llm-jp-eval-mm's default judge
 
 _DESCRIPTION = """\
 Score models on the Japanese benchmarks exactly as llm-jp-eval-mm does, and print a summary table
-beside the article's published rows.
+beside published rows (the ConvLLaVA-JP article, llm-jp-eval-mm's leaderboard).
 
-Tasks:
-  ja-vg-vqa-500             SakanaAI/JA-VG-VQA-500 [test], Japanese ROUGE-L (x100)
-  ja-vlm-bench-in-the-wild  SakanaAI/JA-VLM-Bench-In-the-Wild [test], Japanese ROUGE-L (x100)
+Tasks (`--list-tasks` prints every task with its metric and the local layout it expects):
+  ja-vg-vqa-500             SakanaAI/JA-VG-VQA-500 [test], Japanese ROUGE-L (x100) + LLM judge 1-5
+  ja-vlm-bench-in-the-wild  SakanaAI/JA-VLM-Bench-In-the-Wild [test], ROUGE-L + LLM judge 1-5
   heron-bench               Silviase/Japanese-Heron-Bench [train], LLM judge (needs --judge-url)
   jdocqa                    speed/JDocQA [test], exact match (containment) / BLEU per answer type
-  synthetic                 the synthetic world's held-out split, exact match per question type
-                            (needs --data synthetic=WORLD_DIR)
+  synthetic                 the synthetic world's held-out split (needs --data synthetic=WORLD_DIR)
+  also: cvqa, cc-ocr, jic-vqa, ja-multi-image-vqa, jmmmu, mecha-ja, jawildtext-board-vqa,
+        jawildtext-handwriting-ocr, jawildtext-receipt-kie (eval-mm's ids; --tasks all)
 
 Datasets load by hub id on a connected machine; elsewhere give a local copy with --data TASK=PATH:
-a save_to_disk dir, a folder of the hub's parquet files, one .parquet, or .json/.jsonl.
+a save_to_disk dir, a folder of the hub's parquet files, one .parquet, or .json/.jsonl. A copy
+without the task's split is refused unless --allow-other-split (the split read is recorded).
 
-Results go to OUTPUT/<task>/<model>/ (prediction.jsonl, evaluation.jsonl, run.json, summary.json)
-and OUTPUT/summary.md + summary.csv. A rerun reuses every prediction made with the same model
-files, prompt and decoding settings (an interrupted run resumes); --rescore recomputes the scores
-from saved predictions without loading any model.
+Results go to OUTPUT/<task>/<model>/ (prediction.jsonl, evaluation.jsonl, judge.jsonl, run.json,
+summary.json) and OUTPUT/summary.md + summary.csv. A rerun reuses every prediction made with the
+same model files, prompt and decoding settings, and every judge verdict already logged (an
+interrupted run resumes without paying twice); --rescore recomputes the scores from saved
+predictions without loading any model. --judge-runs N asks the judge N times per item and reports
+the mean and spread.
 """
 
 _EPILOG = """\
@@ -66,7 +70,9 @@ def _positive_int(text: str) -> int:
 
 
 def _add_judge_arguments(p: argparse.ArgumentParser) -> None:
-    j = p.add_argument_group("Heron-Bench judge (any OpenAI-compatible /v1/chat/completions)")
+    j = p.add_argument_group(
+        "LLM judge (any OpenAI-compatible /v1/chat/completions; a key only over https or loopback)"
+    )
     j.add_argument("--judge-url", help="server root, its /v1, or the full chat-completions URL")
     j.add_argument(
         "--judge-model", default=DEFAULT_JUDGE_MODEL, help="judge model name (default: %(default)s)"
@@ -80,6 +86,18 @@ def _add_judge_arguments(p: argparse.ArgumentParser) -> None:
     j.add_argument("--judge-retries", type=int, default=5, help="retries per request (default: %(default)s)")
     j.add_argument(
         "--judge-timeout", type=float, default=60.0, help="seconds per request (default: %(default)s)"
+    )
+    j.add_argument(
+        "--judge-runs",
+        type=_positive_int,
+        default=1,
+        help="ask the judge N times per item; summaries give the mean and spread (default: %(default)s)",
+    )
+    j.add_argument(
+        "--judge-workers",
+        type=_positive_int,
+        default=4,
+        help="concurrent judge requests (default: %(default)s)",
     )
 
 
@@ -132,10 +150,25 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: %(default)s)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as saved)")
     p.add_argument(
-        "--template", default="llm-jp-v1", help="chat template of the prompts (default: %(default)s)"
+        "--template",
+        help="chat template of the prompts: a name (llm-jp-v1, plain, llm-jp-3, qwen3, ...) or a .jinja file "
+        "(default: the one the model was trained with, recorded in its dir, else llm-jp-v1)",
     )
     _add_judge_arguments(p)
-    p.add_argument("--no-reference", action="store_true", help="leave the article's rows out of the table")
+    p.add_argument(
+        "--allow-other-split",
+        action="store_true",
+        help="score a local copy's only split when it lacks the task's split (recorded as read)",
+    )
+    p.add_argument(
+        "--rotate-choices",
+        action="store_true",
+        help="mecha-ja: ask each question once per rotation of its options (eval-mm's --rotate_choices)",
+    )
+    p.add_argument(
+        "--list-tasks", action="store_true", help="list every task, its metric and data layout; exit"
+    )
+    p.add_argument("--no-reference", action="store_true", help="leave the published rows out of the table")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -154,7 +187,7 @@ def _judge_config(args: argparse.Namespace, tasks: Sequence[str]):
 
     if not args.judge_url:
         if any(get_task(t).needs_judge for t in tasks):
-            log.warning("no --judge-url: Heron-Bench answers are generated and saved but not scored")
+            log.warning("no --judge-url: judged tasks' answers are generated and saved but not judged")
         return None
     from ..eval.judge import JudgeConfig
 
@@ -164,6 +197,7 @@ def _judge_config(args: argparse.Namespace, tasks: Sequence[str]):
         api_key_env=args.judge_api_key_env,
         max_retries=args.judge_retries,
         timeout_s=args.judge_timeout,
+        max_workers=args.judge_workers,
     )
 
 
@@ -172,6 +206,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from ..eval.report import write_summary
     from ..eval.runner import EvalModel, EvalSettings, run_eval, saved_model_names
 
+    if args.list_tasks:
+        from ..eval.tasks import task_table
+
+        print(task_table(), end="")
+        return 0
     tasks = _task_list(args.tasks)
     data: dict[str, str] = {}
     for name, path in args.data:
@@ -200,6 +239,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         template=args.template,
         show_progress=not args.no_progress,
+        judge_runs=args.judge_runs,
+        allow_other_split=args.allow_other_split,
+        rotate_choices=args.rotate_choices,
     )
     judge = _judge_config(args, tasks)
     run_eval(models, tasks, args.output, settings, data=data, judge=judge, rescore=args.rescore)
