@@ -12,6 +12,7 @@ import sys
 
 from ..errors import ConvLlavaError
 from . import eval as eval_commands
+from . import export as export_commands
 from . import infer as infer_commands
 from . import model as model_commands
 from . import train as train_commands
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_commands.add_commands(sub)
     infer_commands.add_commands(sub)
     eval_commands.add_commands(sub)
+    export_commands.add_commands(sub)
     return parser
 
 

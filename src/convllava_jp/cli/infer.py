@@ -13,12 +13,13 @@ PREDICT_DESCRIPTION = (
     "Answer every line of a JSONL file, in batches, writing one JSON line per answer.\n\n"
     'input lines:  {"id": "q1", "image": "img.png", "question": "何色ですか？"}\n'
     '              ("images": [...] for several, "messages": [...] for a whole conversation;\n'
-    "               without an id the line number is the id; image paths are relative to\n"
-    "               --image-root, by default the input file's folder)\n"
+    "               without an id (or question_id) a hash of the line's content is the id;\n"
+    "               image paths are relative to --image-root, by default the input's folder)\n"
     'output lines: {"id", "answer", "finish_reason", "prompt_tokens", "completion_tokens"}\n\n'
     "Rerunning with the same --output skips the ids already written, so an interrupted run\n"
-    "continues where it stopped. Records that fail (missing image, too long) are logged,\n"
-    "not written, and the exit code is 1."
+    "continues where it stopped. Records that fail (malformed, missing image, too long) are\n"
+    "logged and listed beside OUT (answers.jsonl -> answers.errors.jsonl: id, line, error), not\n"
+    "written to OUT, and the exit code is 1; a rerun retries them."
 )
 
 SERVE_DESCRIPTION = (
@@ -45,7 +46,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         help="float32, bfloat16 or float16 (default: the dtype the weights were saved in)",
     )
     p.add_argument(
-        "--template", default="llm-jp-v1", help="chat template of the prompts (default: %(default)s)"
+        "--template",
+        help="chat template of the prompts: a name (llm-jp-v1, plain, llm-jp-3, qwen3, ...) or a .jinja file "
+        "(default: the one the model was trained with, recorded in its dir, else llm-jp-v1)",
     )
     p.add_argument("--num-threads", type=int, help="CPU threads for torch (default: torch's choice)")
 
@@ -75,6 +78,19 @@ def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
     )
     p.add_argument("--port", type=int, default=port, help="TCP port, 0 = any free one (default: %(default)s)")
     p.add_argument("--model-name", help="model id clients send (default: the model directory's name)")
+    p.add_argument(
+        "--api-key",
+        help="require 'Authorization: Bearer KEY' on /v1 (and as the web UI's password) "
+        "(default: $CONVLLAVA_API_KEY or none)",
+    )
+    p.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="Host header name accepted besides loopback ones when bound to loopback, e.g. the "
+        "name a local reverse proxy passes on (repeatable)",
+    )
     g = p.add_argument_group("batching")
     g.add_argument(
         "--max-batch-size", type=int, default=8, help="requests decoded together (default: %(default)s)"
@@ -133,6 +149,10 @@ def _model_name(args: argparse.Namespace) -> str:
     return args.model_name or Path(args.model).resolve().name
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("CONVLLAVA_API_KEY") or None
+
+
 # --- commands ---------------------------------------------------------------------------------
 def cmd_chat(args: argparse.Namespace) -> int:
     from ..infer.chat import run_chat
@@ -153,15 +173,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.engine == "vllm":  # export (cached) + `vllm serve`: see docs/vllm.md
+        from ..vllm_plugin.launch import serve_with_vllm
+
+        return serve_with_vllm(args)
     from ..infer.server import ServerConfig, serve_model
 
     config = ServerConfig(
         model_name=_model_name(args),
-        api_key=args.api_key or os.environ.get("CONVLLAVA_API_KEY") or None,
+        api_key=_api_key(args),
         allow_local_files=Path(args.allow_local_files) if args.allow_local_files else None,
         max_body_bytes=int(args.max_body_mb * 2**20),
         max_images=args.max_images,
         max_image_pixels=args.max_image_pixels,
+        max_request_pixels=args.max_request_pixels,
+        max_preparing=args.max_preparing,
+        allowed_hosts=tuple(args.allow_host),
         request_timeout_s=args.request_timeout,
         default_max_tokens=args.default_max_tokens,
         default_temperature=args.default_temperature,
@@ -180,6 +207,8 @@ def cmd_webui(args: argparse.Namespace) -> int:
         model_name=_model_name(args),
         default_max_new_tokens=args.max_new_tokens,
         request_timeout_s=args.request_timeout,
+        api_key=_api_key(args),
+        allowed_hosts=tuple(args.allow_host),
     )
     return 0
 
@@ -230,8 +259,20 @@ def _add_serve_limits(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-image-pixels",
         type=int,
-        default=25_000_000,
+        default=16_000_000,
         help="width x height per image, checked before decoding (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-request-pixels",
+        type=int,
+        default=32_000_000,
+        help="width x height of all of a request's images together (default: %(default)s)",
+    )
+    g.add_argument(
+        "--max-preparing",
+        type=int,
+        default=4,
+        help="requests whose images are decoded at the same time; more wait (default: %(default)s)",
     )
     g.add_argument(
         "--request-timeout",
@@ -263,14 +304,19 @@ def _add_serve(sub) -> None:
     _add_model_args(p)
     _add_server_args(p, port=8000)
     p.add_argument(
-        "--api-key", help="require 'Authorization: Bearer KEY' on /v1 (default: $CONVLLAVA_API_KEY or none)"
-    )
-    p.add_argument(
         "--allow-local-files",
         metavar="DIR",
         help="let image_url name files under DIR (file:///... or a path); off by default",
     )
     _add_serve_limits(p)
+    g = p.add_argument_group("engine")
+    g.add_argument(
+        "--engine", choices=["builtin", "vllm"], default="builtin", help="who serves (default: %(default)s)"
+    )
+    g.add_argument("--vllm-bin", help="the vllm executable (default: $CONVLLAVA_VLLM_BIN, or on PATH)")
+    g.add_argument(
+        "--vllm-arg", action="append", metavar="ARG", help="pass ARG on to vllm serve (repeatable)"
+    )
     p.set_defaults(func=cmd_serve)
 
 
