@@ -75,3 +75,48 @@ def test_pretraining_on_fresh_scenes_learns_the_cells_colours(tiny_world, tiny_m
 def test_pretraining_refuses_bad_arguments(tiny_world, tiny_model_dir):
     with pytest.raises(ConfigError, match="steps and batch_size"):
         pretrain_vision_on_world(tiny_model_dir, tiny_world, steps=0)
+
+
+def test_prefetched_batches_come_in_order_and_errors_reach_the_loop():
+    from convllava_jp.demo.vision_pretrain import _prefetched
+
+    assert list(_prefetched(iter(range(50)), depth=2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise ValueError("scene drawing failed")
+
+    got = []
+    with pytest.raises(ValueError, match="scene drawing failed"):
+        for item in _prefetched(broken()):
+            got.append(item)
+    assert got == [1]
+
+
+def test_prefetched_stops_its_thread_when_the_loop_leaves_early():
+    import threading
+
+    from convllava_jp.demo.vision_pretrain import _prefetched
+
+    def endless():
+        n = 0
+        while True:
+            yield n
+            n += 1
+
+    it = _prefetched(endless(), depth=2)
+    assert [next(it) for _ in range(3)] == [0, 1, 2]
+    it.close()
+    assert not any(t.name == "vision-pretrain-data" and t.is_alive() for t in threading.enumerate())
+
+
+def test_pretraining_does_not_depend_on_the_global_torch_state(tiny_world, tiny_model_dir, tmp_path):
+    weights = []
+    for i, state in enumerate((1, 2)):
+        model_dir = tmp_path / f"m{i}"
+        shutil.copytree(tiny_model_dir, model_dir)
+        torch.manual_seed(state)  # what ran before (other code, another process's start) differs
+        pretrain_vision_on_world(model_dir, tiny_world, steps=2, batch_size=4, seed=0, eval_images=8)
+        model, _ = load_model_dir(model_dir)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -7,14 +7,17 @@ which holds a loaded pipeline and wants the scores back without writing result f
 
 from __future__ import annotations
 
+import json
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..data.constants import IMAGE_TOKEN
 from ..eval.metrics import exact_match_ja, get_metric
 from ..eval.runner import generate_predictions
 from ..eval.tasks.synthetic import SyntheticWorld
 
-__all__ = ["evaluate_synthetic", "score_synthetic"]
+__all__ = ["evaluate_synthetic", "question_only_baseline", "score_synthetic"]
 
 
 def _records(samples: list) -> list[dict]:
@@ -62,3 +65,32 @@ def evaluate_synthetic(
         for r, p in zip(records, predictions)
     ]
     return scores, samples_out
+
+
+def _question(text: str) -> str:
+    return text.replace(IMAGE_TOKEN, "").strip()
+
+
+def question_only_baseline(world_dir: str | Path) -> dict:
+    """What a model that ignores the image scores: each held-out question answered with the
+    training set's most frequent answer to the same question (ties: the first seen).
+
+    Returns `score_synthetic`'s layout (exact match per qtype and overall).
+    """
+    world_dir = Path(world_dir)
+    answers: dict[str, Counter] = defaultdict(Counter)
+    for record in json.loads((world_dir / "stage3.json").read_text(encoding="utf-8")):
+        turns = record["conversations"]
+        for question, answer in zip(turns[::2], turns[1::2]):
+            answers[_question(question["value"])][answer["value"]] += 1
+    records = [
+        {
+            "answer": r["answer"],
+            "qtype": r["qtype"],
+            "chance": r["chance"],
+            "question": r["conversations"][0]["value"],
+        }
+        for r in json.loads((world_dir / "test.json").read_text(encoding="utf-8"))
+    ]
+    guesses = [(answers[_question(r["question"])].most_common(1) or [("", 0)])[0][0] for r in records]
+    return score_synthetic(records, guesses)

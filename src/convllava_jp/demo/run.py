@@ -20,10 +20,22 @@ from ..io import jsonl_text
 log = logging.getLogger(__name__)
 
 
+def seeded_init(recipe, seed: int) -> Path:
+    """The recipe's init model dir, its random weights drawn from `seed`.
+
+    This torch seeds its global generator differently in every process, so without this the
+    demo's LLM, stage 5 and projector started from different weights on every run.
+    """
+    from ..train.stages import prepare_init
+
+    torch.manual_seed(seed)
+    return prepare_init(recipe)
+
+
 def _train(out: Path, world_dir: Path, seed: int, step_scale: float, overrides: list[str], vision_steps: int):
     """Stages 0-3 of `tiny-synthetic` (after the vision pretraining); returns the stage results."""
     from ..train.recipe import load_recipe
-    from ..train.stages import prepare_init, train_recipe
+    from ..train.stages import train_recipe
     from .vision_pretrain import pretrain_vision_on_world
 
     recipe = load_recipe(
@@ -39,7 +51,7 @@ def _train(out: Path, world_dir: Path, seed: int, step_scale: float, overrides: 
         for stage in recipe.stages.values():
             if stage.max_steps > 0:
                 stage.max_steps = max(1, round(stage.max_steps * step_scale))
-    init_dir = prepare_init(recipe)
+    init_dir = seeded_init(recipe, seed)
     marker = init_dir / "vision_pretrained.json"
     if vision_steps and not marker.exists():
         stats = pretrain_vision_on_world(init_dir, world_dir, steps=vision_steps, seed=seed)
@@ -73,7 +85,7 @@ def run_demo(
     `step_scale` multiplies every stage's max_steps (e.g. 0.1 for a quick smoke run).
     """
     from ..infer.generation import VLMPipeline
-    from .evaluate import evaluate_synthetic
+    from .evaluate import evaluate_synthetic, question_only_baseline
     from .world import generate_world
 
     if threads:
@@ -95,13 +107,18 @@ def run_demo(
     train_seconds = time.perf_counter() - start
 
     pipeline = VLMPipeline.from_pretrained(final_dir)
-    scores, samples = evaluate_synthetic(pipeline, world_dir)
+    scores, samples = evaluate_synthetic(pipeline, world_dir, batch_size=64)
+    blind = question_only_baseline(world_dir)
     (out / "predictions.jsonl").write_text(jsonl_text(samples), encoding="utf-8")
     result = {
         "heldout_exact_match": scores["exact_match"],
         "chance": scores["chance"],
         "n_test": scores["n"],
         "per_type": scores["per_type"],
+        "question_only": {
+            "exact_match": blind["exact_match"],
+            "per_type": {q: v["exact_match"] for q, v in blind["per_type"].items()},
+        },
         "stages": [_stage_row(r) for r in results],
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.perf_counter() - start, 1),
@@ -132,15 +149,23 @@ def print_demo_table(result: dict) -> None:
         )
     console.print(stages)
     table = Table(title=f"held-out exact match (n={result['n_test']})")
-    for col in ("question type", "n", "exact match", "chance"):
+    for col in ("question type", "n", "exact match", "chance", "question only"):
         table.add_column(col, justify="right")
+    blind = result.get("question_only") or {"exact_match": None, "per_type": {}}
+
+    def pct(value) -> str:
+        return "" if value is None else f"{100 * value:.1f}%"
+
     for qtype, v in result["per_type"].items():
-        table.add_row(qtype, str(v["n"]), f"{100 * v['exact_match']:.1f}%", f"{100 * v['chance']:.1f}%")
+        table.add_row(
+            qtype, str(v["n"]), pct(v["exact_match"]), pct(v["chance"]), pct(blind["per_type"].get(qtype))
+        )
     table.add_row(
         "all",
         str(result["n_test"]),
-        f"{100 * result['heldout_exact_match']:.1f}%",
-        f"{100 * result['chance']:.1f}%",
+        pct(result["heldout_exact_match"]),
+        pct(result["chance"]),
+        pct(blind["exact_match"]),
         style="bold",
     )
     console.print(table)
