@@ -77,39 +77,6 @@ def test_pretraining_refuses_bad_arguments(tiny_world, tiny_model_dir):
         pretrain_vision_on_world(tiny_model_dir, tiny_world, steps=0)
 
 
-def test_prefetched_batches_come_in_order_and_errors_reach_the_loop():
-    from convllava_jp.demo.vision_pretrain import _prefetched
-
-    assert list(_prefetched(iter(range(50)), depth=2)) == list(range(50))
-
-    def broken():
-        yield 1
-        raise ValueError("scene drawing failed")
-
-    got = []
-    with pytest.raises(ValueError, match="scene drawing failed"):
-        for item in _prefetched(broken()):
-            got.append(item)
-    assert got == [1]
-
-
-def test_prefetched_stops_its_thread_when_the_loop_leaves_early():
-    import threading
-
-    from convllava_jp.demo.vision_pretrain import _prefetched
-
-    def endless():
-        n = 0
-        while True:
-            yield n
-            n += 1
-
-    it = _prefetched(endless(), depth=2)
-    assert [next(it) for _ in range(3)] == [0, 1, 2]
-    it.close()
-    assert not any(t.name == "vision-pretrain-data" and t.is_alive() for t in threading.enumerate())
-
-
 def test_pretraining_does_not_depend_on_the_global_torch_state(tiny_world, tiny_model_dir, tmp_path):
     weights = []
     for i, state in enumerate((1, 2)):

@@ -13,8 +13,6 @@ tokens. docs/training.md has the measurements behind these choices.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
 from pathlib import Path
 
 import torch
@@ -93,7 +91,7 @@ def pretrain_vision_on_world(
                 draw_scenes(stream_seed, eval_images + step * batch_size, batch_size, world.image_size)
             )
 
-    loss = _train_tower(model, heads, _prefetched(batches()), steps, lr)
+    loss = _train_tower(model, heads, batches(), steps, lr)
     model.eval()
     # The held-out scenes (with fewer than 64 of them, also the first training ones) set the
     # projector's start too: drawn once for both.
@@ -112,44 +110,6 @@ def pretrain_vision_on_world(
             acc["heldout_shape"],
         )
     return {"steps": steps, "batch_size": batch_size, "final_loss": loss, **acc, **stats}
-
-
-def _prefetched(batches, depth: int = 4):
-    """`batches` drawn on a background thread, `depth` ahead of the training loop.
-
-    Drawing and preprocessing the scenes is ~20% of a step's CPU time and the tiny tower's
-    kernels leave part of the second core idle, so the two overlap. The batches are the same, in
-    the same order: they depend on the stream's seed only, not on the model.
-    """
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    end = object()
-
-    def produce() -> None:
-        try:
-            for batch in batches:
-                while not stop.is_set():
-                    try:
-                        items.put(batch, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            items.put(end)
-        except BaseException as err:  # re-raised in the training loop
-            items.put(err)
-
-    thread = threading.Thread(target=produce, name="vision-pretrain-data", daemon=True)
-    thread.start()
-    try:
-        while (item := items.get()) is not end:
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def _train_tower(model, heads: tuple[nn.Linear, ...], batches, steps: int, lr: float) -> float:

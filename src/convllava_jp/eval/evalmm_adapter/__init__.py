@@ -92,7 +92,7 @@ class ConvLlavaVLM(BaseVLM):
             model_id,
             device=device or os.environ.get("CONVLLAVA_DEVICE", "auto"),
             dtype=dtype or os.environ.get("CONVLLAVA_DTYPE") or None,
-            template=template or os.environ.get("CONVLLAVA_TEMPLATE", "llm-jp-v1"),
+            template=template or os.environ.get("CONVLLAVA_TEMPLATE") or None,  # None: the trained one
         )
 
     def generate(self, images: list[Any] | None, text: str, gen_kwargs: Any = None) -> str:
