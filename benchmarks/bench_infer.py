@@ -8,8 +8,13 @@
    the bare language model's `generate` on a prompt of the same length (target >= 0.95x).
 2. `VLMPipeline.generate` throughput over the same requests at several batch sizes.
 3. The real server (a subprocess) with 1, 4, 8, 16 concurrent clients vs one client asking
-   sequentially (target >= 3x at 8).
+   sequentially, and that speed-up against the ceiling: the language model alone decoding as many
+   rows at once (step time at batch N vs batch 1), measured in the same run just before and just
+   after the server rows (their mean). Target (issue 18): server / ceiling >= 0.9 at 8 and 16.
 4. Peak RSS of this process and of the server.
+
+`--quick` runs only the ceiling and the server at 1, 8, 16 clients and writes
+nowhere unless `--output` is given (for iterating on the engine).
 
 With random weights the EOS row of the output layer is zeroed, so every answer runs to the token
 limit and all paths generate the same number of tokens. Prints Markdown tables and writes them to
@@ -157,34 +162,55 @@ def bench_latency(pipeline: VLMPipeline, image: Image.Image, new_tokens: int, re
     return rows
 
 
-@torch.inference_mode()
-def bench_decode_steps(
-    pipeline: VLMPipeline, batch_sizes: list[int], context: int = 128
-) -> list[tuple[int, float]]:
-    """(batch size, ms per decode step) of the language model alone at `context` cached tokens:
-    the ceiling of what batching can gain on this machine."""
-    lm = pipeline.model.language_model
-    rows = []
-    for b in batch_sizes:
-        ids = torch.randint(300, 400, (b, context), device=pipeline.device)
-        cache = lm(input_ids=ids, use_cache=True).cache
-        token = ids[:, -1:]
-        times = []
-        for i in range(9):
-            start = time.perf_counter()
-            out = lm(
-                input_ids=token,
-                cache=cache,
-                use_cache=True,
-                position_ids=torch.full((b, 1), context + i, device=pipeline.device),
-            )
-            if pipeline.device.type == "cuda":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - start)
-            cache = out.cache
-        rows.append((b, statistics.median(times[1:]) * 1000))
-        log.info("decode step batch %d: %.1f ms", b, rows[-1][1])
-    return rows
+class StepProbe:
+    """Decode steps of the language model alone at `context` cached tokens, for several batch
+    sizes: the ceiling of what batching can gain on this machine. Caches are built once and cut
+    back to `context` after each measurement, so it can be repeated around every server row."""
+
+    def __init__(self, pipeline: VLMPipeline, batch_sizes: list[int], context: int = 128):
+        self.lm = pipeline.model.language_model
+        self.device = pipeline.device
+        self.context = context
+        torch.manual_seed(0)
+        self.caches, self.tokens = {}, {}
+        with torch.inference_mode():
+            for b in batch_sizes:
+                ids = torch.randint(300, 400, (b, context), device=self.device)
+                self.caches[b], self.tokens[b] = self.lm(input_ids=ids, use_cache=True).cache, ids[:, -1:]
+
+    @torch.inference_mode()
+    def measure(self, batch_sizes: list[int], rounds: int = 5, steps: int = 4) -> dict[int, float]:
+        """Batch size -> median ms per step; batch sizes take turns (the load drifts), `steps`
+        steps each per round after one warm-up step."""
+        times: dict[int, list[float]] = {b: [] for b in batch_sizes}
+        for _ in range(rounds):
+            for b in batch_sizes:
+                for i in range(steps + 1):
+                    start = time.perf_counter()
+                    out = self.lm(
+                        input_ids=self.tokens[b],
+                        cache=self.caches[b],
+                        use_cache=True,
+                        position_ids=torch.full((b, 1), self.context + i, device=self.device),
+                    )
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    if i:
+                        times[b].append(time.perf_counter() - start)
+                    self.caches[b] = out.cache
+                for layer in self.caches[b].layers:  # back to `context` tokens
+                    layer.keys, layer.values = (
+                        layer.keys[:, :, : self.context],
+                        layer.values[:, :, : self.context],
+                    )
+        return {b: statistics.median(t) * 1000 for b, t in times.items()}
+
+
+def bench_decode_steps(probe: StepProbe, batch_sizes: list[int]) -> list[tuple[int, float]]:
+    """(batch size, ms per decode step) of the language model alone."""
+    ms = probe.measure(batch_sizes)
+    log.info("decode steps (ms): %s", ", ".join(f"batch {b}: {ms[b]:.1f}" for b in batch_sizes))
+    return [(b, ms[b]) for b in batch_sizes]
 
 
 # --- 2. batched predict -----------------------------------------------------------------------
@@ -224,7 +250,9 @@ class ServerRow:
     seconds: float
     tokens: int
     p50_latency_s: float
+    mean_ttft_s: float  # submit to the first token, inside the server (its /health counters)
     mean_batch: float  # tokens per decode step, from the server's /health counters
+    llm_step_ms: float  # the LLM alone, one step at batch `clients`, measured just before and after
 
 
 def _free_port() -> int:
@@ -281,6 +309,7 @@ def bench_server(
     new_tokens: int,
     device: str,
     threads: int | None,
+    probe: StepProbe,
 ) -> tuple[list[ServerRow], float]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -328,14 +357,27 @@ def bench_server(
             warm.post(url + "/v1/chat/completions", json={**body(0), "max_tokens": 2}).raise_for_status()
         rows = []
         for clients in client_counts:
+            around = probe.measure(sorted({1, clients}), rounds=2, steps=3)
             before = httpx.get(url + "/health").json()["stats"]
             start = time.perf_counter()
             latencies, tokens = _run_clients(url, clients, [body(i) for i in range(n_requests)])
             seconds = time.perf_counter() - start
             after = httpx.get(url + "/health").json()["stats"]
+            later = probe.measure(sorted({1, clients}), rounds=2, steps=3)
             mean_batch = (after["tokens"] - before["tokens"]) / max(after["steps"] - before["steps"], 1)
+            firsts = max(after.get("first_tokens", 0) - before.get("first_tokens", 0), 1)
+            ttft = (after.get("first_token_s", 0.0) - before.get("first_token_s", 0.0)) / firsts
             rows.append(
-                ServerRow(clients, n_requests, seconds, tokens, statistics.median(latencies), mean_batch)
+                ServerRow(
+                    clients,
+                    n_requests,
+                    seconds,
+                    tokens,
+                    statistics.median(latencies),
+                    ttft,
+                    mean_batch,
+                    (around[clients] + later[clients]) / 2,
+                )
             )
             log.info("server %d clients: %.1f s, %.1f tok/s", clients, seconds, tokens / seconds)
         server_rss = _peak_rss_mb(proc.pid)
@@ -350,11 +392,78 @@ def bench_server(
 
 
 # --- report ---------------------------------------------------------------------------------
+def speedups(steps: list[tuple[int, float]]) -> dict[int, float]:
+    """Batch size -> tokens/s at that batch over tokens/s at batch 1."""
+    base = dict(steps)[1]
+    return {b: b * base / ms for b, ms in steps}
+
+
+def ceiling_rows(server: list[ServerRow], before, after) -> list[tuple]:
+    """Per server row: (clients, server speed-up vs 1 client, LLM-alone speed-up before and after
+    the server rows, their ratio; the same ratio from the LLM-alone steps measured around each row)."""
+    seq = server[0]
+    up_before, up_after = speedups(before), speedups(after)
+    rows = []
+    for row in server[1:]:
+        if row.clients not in up_before:
+            continue
+        ceiling = (up_before[row.clients] + up_after[row.clients]) / 2
+        up = row.tokens / row.seconds / (seq.tokens / seq.seconds)
+        # Each row's tokens/s over the LLM alone's at its batch size, measured around it: the load
+        # the two rows ran under cancels out.
+        share = row.tokens / row.seconds * row.llm_step_ms / (1000 * row.clients)
+        share_seq = seq.tokens / seq.seconds * seq.llm_step_ms / 1000
+        rows.append(
+            (row.clients, up, up_before[row.clients], up_after[row.clients], up / ceiling, share / share_seq)
+        )
+    return rows
+
+
+def render_ceiling(server: list[ServerRow], before, after) -> list[str]:
+    lines = [
+        "",
+        "## Server vs the ceiling (the language model alone at the same batch), one run",
+        "",
+        "Server speed-up: tokens/s at N clients over tokens/s at 1 client (table above). Ceiling: the "
+        "LLM-alone decode speed-up at batch N (table of decode steps), measured just before and just "
+        "after the server rows; ratio = server speed-up / mean ceiling (target >= 0.9). Load-adjusted: "
+        "each server row's tokens/s as a share of the LLM alone's tokens/s at its batch size, measured "
+        "right before and after that row, over the same share at 1 client (equal to the ratio when "
+        "the load stays the same; the load of other processes cancels out).",
+        "",
+        "| concurrent clients | server speed-up | ceiling before | ceiling after | ratio | load-adjusted ratio |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for clients, up, c0, c1, ratio, adjusted in ceiling_rows(server, before, after):
+        lines.append(f"| {clients} | {up:.2f}x | {c0:.2f}x | {c1:.2f}x | {ratio:.2f} | {adjusted:.2f} |")
+    return lines
+
+
+def render_server(server: list[ServerRow]) -> list[str]:
+    seq = server[0].tokens / server[0].seconds
+    lines = [
+        "",
+        f"## Server (`serve`, continuous batching, {server[0].requests} requests per row)",
+        "",
+        "| concurrent clients | seconds | requests/s | tokens/s | vs sequential | median latency (s) | mean time to first token (s) | mean batch |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in server:
+        tps = row.tokens / row.seconds
+        name = f"{row.clients}" + (" (sequential)" if row.clients == 1 else "")
+        lines.append(
+            f"| {name} | {row.seconds:.1f} | {row.requests / row.seconds:.2f} | {tps:.1f} | {tps / seq:.2f}x | "
+            f"{row.p50_latency_s:.2f} | {row.mean_ttft_s:.2f} | {row.mean_batch:.1f} |"
+        )
+    return lines
+
+
 def render(
     args,
     model_desc: str,
     latency: list[Latency],
     steps: list[tuple[int, float]],
+    steps_after: list[tuple[int, float]],
     predict: list[PredictRow],
     server: list[ServerRow],
     bench_rss: float,
@@ -363,62 +472,58 @@ def render(
     lines = [
         "# Inference benchmarks",
         "",
-        f"{time.strftime('%Y-%m-%d')}, `benchmarks/bench_infer.py`; {model_desc}; device {args.device}, "
-        f"{torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs ({platform.processor() or platform.machine()}), "
-        f"torch {torch.__version__}; load average {args.load_before:.1f} before the run (other processes "
-        f"share the CPUs). Greedy decoding, {args.new_tokens} new tokens per answer.",
-        "",
-        "## Latency: one image vs the bare LLM",
-        "",
-        "| path | prompt tokens | time to first token (ms) | decode tokens/s | decode vs bare LLM |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        f"{time.strftime('%Y-%m-%d')}, `benchmarks/bench_infer.py{' --quick' if args.quick else ''}`; "
+        f"{model_desc}; device {args.device}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs "
+        f"({platform.processor() or platform.machine()}), torch {torch.__version__}; load average "
+        f"{args.load_before:.1f} before the run and {args.load_after:.1f} after (other processes share "
+        f"the CPUs). Greedy decoding, {args.new_tokens} new tokens per answer.",
     ]
-    base = latency[0].decode_tps
-    for row in latency:
-        lines.append(
-            f"| {row.path} | {row.prompt_tokens} | {row.ttft_s * 1000:.1f} | {row.decode_tps:.1f} | "
-            f"{row.decode_tps / base:.2f}x |"
-        )
+    if latency:
+        lines += [
+            "",
+            "## Latency: one image vs the bare LLM",
+            "",
+            "| path | prompt tokens | time to first token (ms) | decode tokens/s | decode vs bare LLM |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        base = latency[0].decode_tps
+        for row in latency:
+            lines.append(
+                f"| {row.path} | {row.prompt_tokens} | {row.ttft_s * 1000:.1f} | {row.decode_tps:.1f} | "
+                f"{row.decode_tps / base:.2f}x |"
+            )
     lines += [
         "",
         f"## Decode step of the language model alone vs batch size ({steps[0][0]} to {steps[-1][0]} rows, 128 cached tokens)",
         "",
-        "What batching can gain at most on this machine: tokens/s of pure decoding.",
+        "What batching can gain at most on this machine: tokens/s of pure decoding (measured before the "
+        "server rows; `after`: the same after them).",
         "",
-        "| batch size | ms per step | tokens/s | vs batch 1 |",
-        "| ---: | ---: | ---: | ---: |",
+        "| batch size | ms per step | tokens/s | vs batch 1 | ms per step after | vs batch 1 after |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for b, ms in steps:
-        lines.append(f"| {b} | {ms:.1f} | {b * 1000 / ms:.1f} | {b * steps[0][1] / ms:.2f}x |")
-    lines += [
-        "",
-        f"## Batched predict (`VLMPipeline.generate`, {predict[0].requests} requests, left padding)",
-        "",
-        "| batch size | seconds | requests/s | tokens/s | vs batch 1 |",
-        "| ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for row in predict:
-        tps = row.tokens / row.seconds
+    up, up_after = speedups(steps), speedups(steps_after)
+    for (b, ms), (_, ms_after) in zip(steps, steps_after):
         lines.append(
-            f"| {row.batch_size} | {row.seconds:.1f} | {row.requests / row.seconds:.2f} | {tps:.1f} | "
-            f"{tps / (predict[0].tokens / predict[0].seconds):.2f}x |"
+            f"| {b} | {ms:.1f} | {b * 1000 / ms:.1f} | {up[b]:.2f}x | {ms_after:.1f} | {up_after[b]:.2f}x |"
         )
-    if server:
-        seq = server[0].tokens / server[0].seconds
+    if predict:
         lines += [
             "",
-            f"## Server (`serve`, continuous batching, {server[0].requests} requests per row)",
+            f"## Batched predict (`VLMPipeline.generate`, {predict[0].requests} requests, left padding)",
             "",
-            "| concurrent clients | seconds | requests/s | tokens/s | vs sequential | median latency (s) | mean batch |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            "| batch size | seconds | requests/s | tokens/s | vs batch 1 |",
+            "| ---: | ---: | ---: | ---: | ---: |",
         ]
-        for row in server:
+        for row in predict:
             tps = row.tokens / row.seconds
-            name = f"{row.clients}" + (" (sequential)" if row.clients == 1 else "")
             lines.append(
-                f"| {name} | {row.seconds:.1f} | {row.requests / row.seconds:.2f} | {tps:.1f} | {tps / seq:.2f}x | "
-                f"{row.p50_latency_s:.2f} | {row.mean_batch:.1f} |"
+                f"| {row.batch_size} | {row.seconds:.1f} | {row.requests / row.seconds:.2f} | {tps:.1f} | "
+                f"{tps / (predict[0].tokens / predict[0].seconds):.2f}x |"
             )
+    if server:
+        lines += render_server(server)
+        lines += render_ceiling(server, steps, steps_after)
     lines += [
         "",
         "## Memory",
@@ -432,6 +537,18 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+OWN_SECTIONS = ("Latency", "Decode step", "Batched predict", "Server (", "Server vs the ceiling", "Memory")
+
+
+def other_sections(path: Path) -> str:
+    """The sections of the file at `path` this benchmark does not write (kept after its report)."""
+    if not path.exists():
+        return ""
+    sections = path.read_text(encoding="utf-8").split("\n## ")[1:]
+    kept = [s for s in sections if not s.startswith(OWN_SECTIONS)]
+    return "".join("\n## " + s.rstrip("\n") + "\n" for s in kept)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -441,9 +558,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: as saved)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--new-tokens", type=int, default=128, help="tokens per answer (default: %(default)s)"
-    )
+    parser.add_argument("--new-tokens", type=int, help="tokens per answer (default: 128)")
     parser.add_argument(
         "--repeats", type=int, default=3, help="latency repeats, median taken (default: %(default)s)"
     )
@@ -453,14 +568,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--batch-sizes", default="1,2,4,8,16", help="predict batch sizes (default: %(default)s)"
     )
-    parser.add_argument(
-        "--clients", default="1,4,8,16", help="server concurrency levels (default: %(default)s)"
-    )
+    parser.add_argument("--clients", help="server concurrency levels (default: 1,4,8,16, quick: 1,8,16)")
     parser.add_argument("--skip-server", action="store_true", help="only latency and predict")
     parser.add_argument(
-        "--output", default=str(ROOT / "docs" / "benchmarks-infer.md"), help="Markdown file to write"
+        "--quick", action="store_true", help="only the ceiling and the server at 1, 8, 16 clients"
+    )
+    parser.add_argument(
+        "--output", help="Markdown file to write (default: docs/benchmarks-infer.md; quick: none)"
     )
     args = parser.parse_args(argv)
+    args.new_tokens = args.new_tokens or 128
+    args.clients = args.clients or ("1,8,16" if args.quick else "1,4,8,16")
+    if args.output is None and not args.quick:
+        args.output = str(ROOT / "docs" / "benchmarks-infer.md")
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
     )
@@ -481,15 +601,21 @@ def main(argv: list[str] | None = None) -> int:
         model_desc = f"model {args.model or 'random ' + args.preset} ({n_params / 1e6:.0f}M parameters, {pipeline.model.dtype}, {size} px)"
         images = [make_image((size + 64 * i, size), seed=i) for i in range(4)]
 
-        latency = bench_latency(pipeline, images[0], args.new_tokens, args.repeats)
-        steps = bench_decode_steps(pipeline, [1, 4, 8, 16])
-        predict = bench_predict(
-            pipeline, images, [int(b) for b in args.batch_sizes.split(",")], args.requests, args.new_tokens
-        )
+        latency, predict = [], []
+        if not args.quick:
+            latency = bench_latency(pipeline, images[0], args.new_tokens, args.repeats)
+            predict = bench_predict(
+                pipeline,
+                images,
+                [int(b) for b in args.batch_sizes.split(",")],
+                args.requests,
+                args.new_tokens,
+            )
         bench_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        probe = StepProbe(pipeline, [1, 4, 8, 16])
+        steps = bench_decode_steps(probe, [1, 4, 8, 16])
         server, server_rss = [], float("nan")
         if not args.skip_server:
-            del pipeline
             server, server_rss = bench_server(
                 model_dir,
                 images,
@@ -498,13 +624,17 @@ def main(argv: list[str] | None = None) -> int:
                 args.new_tokens,
                 args.device,
                 args.threads,
+                probe,
             )
-    report = render(args, model_desc, latency, steps, predict, server, bench_rss, server_rss)
+        steps_after = bench_decode_steps(probe, [1, 4, 8, 16])
+    args.load_after = os.getloadavg()[0]
+    report = render(args, model_desc, latency, steps, steps_after, predict, server, bench_rss, server_rss)
     print(report)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report, encoding="utf-8")
-    log.info("wrote %s", out)
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(report + other_sections(out), encoding="utf-8")
+        log.info("wrote %s", out)
     return 0
 
 

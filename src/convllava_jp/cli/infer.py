@@ -43,7 +43,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
         default=None,
-        help="float32, bfloat16 or float16 (default: the dtype the weights were saved in)",
+        help="float32, bfloat16, float16 or auto (bfloat16 where the device computes in it natively, e.g. "
+        "AVX512-BF16/AMX CPUs). bfloat16/float16 on the CPU take the fast path: weights cast while read, "
+        "channels_last vision tower, GEMV decoding (default: the dtype the weights were saved in, exact)",
     )
     p.add_argument(
         "--template",
@@ -107,6 +109,18 @@ def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
         default=5.0,
         help="when idle, wait this long for more requests to batch (default: %(default)s)",
     )
+    g.add_argument(
+        "--max-prefill-batch",
+        type=int,
+        default=8,
+        help="most requests prefilled (vision tower + prompt) in one call (default: %(default)s)",
+    )
+    g.add_argument(
+        "--no-overlap-prefill",
+        dest="overlap_prefill",
+        action="store_false",
+        help="prefill joining requests between decode steps instead of beside them in a worker thread",
+    )
 
 
 def _generation_config(args: argparse.Namespace):
@@ -142,6 +156,8 @@ def _load_batcher(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         batch_wait_s=args.batch_wait_ms / 1000,
+        max_prefill_batch=getattr(args, "max_prefill_batch", 8),
+        overlap_prefill=getattr(args, "overlap_prefill", True),
     )
 
 
@@ -173,7 +189,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.engine == "vllm":  # export (cached) + `vllm serve`: see docs/vllm.md
+    if args.engine == "vllm":  # `vllm serve` via our plugin or an export: see docs/vllm.md
         from ..vllm_plugin.launch import serve_with_vllm
 
         return serve_with_vllm(args)
@@ -314,6 +330,13 @@ def _add_serve(sub) -> None:
         "--engine", choices=["builtin", "vllm"], default="builtin", help="who serves (default: %(default)s)"
     )
     g.add_argument("--vllm-bin", help="the vllm executable (default: $CONVLLAVA_VLLM_BIN, or on PATH)")
+    g.add_argument(
+        "--vllm-road",
+        choices=["auto", "plugin", "export"],
+        default="auto",
+        help="vllm: serve the model dir through our vLLM plugin (needs convllava-jp in vLLM's env) or "
+        "an export to transformers' FastVLM; auto: the plugin where vLLM's env has it (docs/vllm.md)",
+    )
     g.add_argument(
         "--vllm-arg", action="append", metavar="ARG", help="pass ARG on to vllm serve (repeatable)"
     )

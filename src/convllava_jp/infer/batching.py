@@ -1,10 +1,17 @@
 """Continuous batching: many concurrent requests share one model, token step by token step.
 
 One background thread owns the model. Each loop it admits waiting requests (prefilled together,
-left-padded, images spliced in), merges them into the running batch's KV cache, runs one decode
-step for every running request, samples each row with its own settings and hands the text pieces
-to the request's `sink`. Finished, stopped, cancelled and timed-out rows leave the batch at once,
-so their slot is free for the next request on the next step.
+left-padded, images spliced in: `prefill.Prefiller`), merges them into the running batch's KV
+cache and runs one decode step for every running request (`stepping.Stepper`): each row is sampled
+with its own settings and its text pieces go to the request's `sink`. Finished, stopped, cancelled
+and timed-out rows leave the batch at once, so their slot is free for the next request.
+
+When at least twice as many rows are decoding as are joining, the joining group's prefill (vision
+tower included) runs in a worker thread beside the steps instead of stalling them, and is merged
+between two steps once done. A larger group is prefilled between two steps: where no core is
+free, a small batch stepping beside the prefill only slows it down (measured in
+docs/benchmarks-infer.md). Requests that arrive together are prefilled together, at most
+`max_prefill_batch` at a time (a bigger batch through the vision tower costs more per image on CPU).
 
 One request never fails another: a row whose scores cannot be decoded (NaN, nothing allowed)
 fails alone; a prefill or decode step that raises (out of memory included) is undone and retried
@@ -22,7 +29,8 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
@@ -30,7 +38,9 @@ from ..errors import ConfigError
 from ..model.processing import EncodedConversation
 from .decoding import IncrementalDecoder
 from .generation import GenerationConfig, GenerationRequest, GenerationResult, VLMPipeline
-from .running_batch import Row, RunningBatch, check_cache_layers, sample_tokens, suppressed_ids
+from .prefill import Prefilled, Prefiller
+from .running_batch import Row, suppressed_ids
+from .stepping import Stepper
 from .tickets import (
     BatcherStats,
     EngineClosedError,
@@ -64,6 +74,9 @@ class ContinuousBatcher:
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting for a slot; beyond it `submit` raises QueueFullError.
         batch_wait_s: when idle, how long the first request waits for others to join its batch.
+        max_prefill_batch: most requests prefilled in one model call (vision tower included).
+        overlap_prefill: prefill joining requests in a worker thread while at least twice as many
+            running rows decode (False: the engine thread prefills between two steps, stalling them).
     """
 
     def __init__(
@@ -72,26 +85,31 @@ class ContinuousBatcher:
         max_batch_size: int = 8,
         max_queue: int = 64,
         batch_wait_s: float = 0.005,
+        max_prefill_batch: int = 8,
+        overlap_prefill: bool = True,
     ):
-        if max_batch_size < 1 or max_queue < 0 or batch_wait_s < 0:
+        if max_batch_size < 1 or max_queue < 0 or batch_wait_s < 0 or max_prefill_batch < 1:
             raise ConfigError(
-                f"max_batch_size must be >= 1, max_queue >= 0 and batch_wait_s >= 0, got "
-                f"{max_batch_size}, {max_queue}, {batch_wait_s}"
+                f"max_batch_size and max_prefill_batch must be >= 1, max_queue >= 0 and batch_wait_s "
+                f">= 0, got {max_batch_size}, {max_prefill_batch}, {max_queue}, {batch_wait_s}"
             )
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
+        self.max_prefill_batch = max_prefill_batch
+        self.overlap_prefill = overlap_prefill
         self.stats = BatcherStats()
         self._pending: deque[Ticket] = deque()
+        self._prefilling: list[Ticket] = []  # taken from the queue, their prefill not merged yet
         self._cond = threading.Condition()
         self._closed = False
-        self._batch: RunningBatch | None = None
         self._thread: threading.Thread | None = None
         tok = pipeline.tokenizer
-        self._eos = set(getattr(pipeline, "stop_token_ids", None) or [tok.eos_token_id])  # EOS + end of turn
-        self._pad = tok.pad_token_id
-        self._suppress = suppressed_ids(pipeline.model, pipeline.device)
+        eos = set(getattr(pipeline, "stop_token_ids", None) or [tok.eos_token_id])  # EOS + end of turn
+        suppress = suppressed_ids(pipeline.model, pipeline.device)
+        self._stepper = Stepper(pipeline, self.stats, eos, suppress)
+        self._prefiller = Prefiller(pipeline, self._new_row, suppress)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def start(self) -> ContinuousBatcher:
@@ -116,8 +134,8 @@ class ContinuousBatcher:
 
     @property
     def active(self) -> int:
-        batch = self._batch
-        return len(batch.rows) if batch is not None else 0
+        """Requests holding a batch slot: decoding, or being prefilled to join."""
+        return self._stepper.rows + len(self._prefilling)
 
     @property
     def queued(self) -> int:
@@ -143,15 +161,10 @@ class ContinuousBatcher:
             if ticket.cancelled:
                 self.stats.cancelled += 1
             elif ticket.expired(now):
-                self._time_out(ticket)
+                self._stepper.time_out(ticket)
             else:
                 kept.append(ticket)
         self._pending = kept
-
-    def _time_out(self, ticket: Ticket) -> None:
-        self.stats.timed_out += 1
-        ticket.timed_out = True
-        ticket.emit(StreamEvent(error=RequestTimeoutError(f"request {ticket.id} passed its deadline")))
 
     # --- submitting --------------------------------------------------------------------------
     def submit(
@@ -240,30 +253,84 @@ class ContinuousBatcher:
     # --- engine ------------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("batcher started (max batch %d, queue %d)", self.max_batch_size, self.max_queue)
+        workers = ThreadPoolExecutor(1, "batcher-prefill") if self.overlap_prefill else None
+        inflight: Future | None = None  # the worker's prefill, merged between two steps once done
         while True:
-            new = self._admit()
-            if new is None:
-                break
             try:
-                if new:
-                    self._prefill(new)
-                if self._batch is not None:
-                    self._step()
+                if inflight is not None and (inflight.done() or self._stepper.batch is None):
+                    future, inflight = inflight, None
+                    self._join(future)  # waits only when nothing is decoding
+                new = self._admit()
+                if new is None:
+                    break
+                if new and workers is not None and self._stepper.rows >= 2 * len(new):
+                    inflight = workers.submit(self._prefiller.run, new)  # beside the steps
+                elif new:
+                    self._apply(self._prefiller.run(new, lock=self.pipeline.lock), new)
+                if self._stepper.batch is not None:
+                    self._stepper.step(time.monotonic())
             except Exception as err:  # a fault outside the guarded model calls: the running rows
                 # fail, the waiting requests do not, the engine goes on
                 log.exception("batcher loop failed; failing the %d running requests", self.active)
-                self._fail_running(err)
-        self._fail_running(EngineClosedError("the server is shutting down"))
+                self._stepper.fail_running(err)
+        try:
+            if inflight is not None:
+                self._join(inflight)  # its requests join the running ones, which fail below
+        except Exception:
+            log.exception("merging the last prefill failed")
+        if workers is not None:
+            workers.shutdown()
+        self._stepper.fail_running(EngineClosedError("the server is shutting down"))
         with self._cond:
             pending, self._pending = list(self._pending), deque()
         for ticket in pending:
             ticket.emit(StreamEvent(error=EngineClosedError("the server is shutting down")))
         log.info("batcher stopped")
 
+    def _join(self, future: Future) -> None:
+        """Merge a finished worker prefill; if the worker itself broke, its requests fail."""
+        tickets = list(self._prefilling)
+        try:
+            outcome = future.result()
+        except Exception as err:
+            log.exception("prefill worker failed; failing its %d requests", len(tickets))
+            with self._cond:
+                self._prefilling = []
+            for ticket in tickets:
+                self._stepper.fail(ticket, err, "prefill")
+            return
+        self._apply(outcome, tickets)
+
+    def _apply(self, outcome: Prefilled, tickets: list[Ticket]) -> None:
+        """Merge prefilled rows into the running batch (first tokens handed out), fail the rest."""
+        self.stats.retried += outcome.retried
+        error: Exception | None = None
+        try:
+            for ticket, err in outcome.failures:
+                self._stepper.fail(ticket, err, "prefill")
+            for batch, tokens, failed in outcome.parts:
+                try:
+                    self._stepper.merge(batch, tokens, failed)
+                except Exception as err:  # these rows never joined: they fail, the loop fails the rest
+                    error = err
+                    running = self._stepper.batch.rows if self._stepper.batch is not None else []
+                    for row in batch.rows:
+                        if not any(r is row for r in running):
+                            self._stepper.fail(row.ticket, err, "prefill")
+        finally:
+            with self._cond:
+                self._prefilling = [t for t in self._prefilling if t not in tickets]
+        if error is not None:
+            raise error
+
     def _admit(self) -> list[Ticket] | None:
-        """Waiting requests for the free slots (None: closed). Blocks while nothing runs."""
+        """Waiting requests for the free slots, at most `max_prefill_batch` (None: closed).
+
+        Blocks while nothing runs. Takes none while a prefill is in flight (the next group gathers
+        in the queue meanwhile, to be prefilled together).
+        """
         with self._cond:
-            if self._batch is None:
+            if self._stepper.batch is None and not self._prefilling:
                 while not self._pending and not self._closed:
                     self._cond.wait(timeout=1.0)
                     self._purge_locked()
@@ -279,9 +346,12 @@ class ContinuousBatcher:
                         self._cond.wait(timeout=left)
             elif self._closed:
                 return None
+            if self._prefilling:
+                return []
             self._purge_locked()
-            free = self.max_batch_size - self.active
+            free = min(self.max_batch_size - self.active, self.max_prefill_batch)
             taken = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
+            self._prefilling = list(taken)
             return taken
 
     def _new_row(self, ticket: Ticket) -> Row:
@@ -295,222 +365,3 @@ class ContinuousBatcher:
             seen = torch.tensor(sorted(set(ticket.encoded.input_ids)), device=self.pipeline.device)
         decoder = IncrementalDecoder(self.pipeline.tokenizer, cfg.stop, self.pipeline.byte_ids)
         return Row(ticket, decoder, generator, seen)
-
-    def _fail(self, ticket: Ticket, err: BaseException, what: str) -> None:
-        """Fail one request: the detail goes to the log, the request gets a RequestFailedError."""
-        log.error("request %d failed in %s: %s: %s", ticket.id, what, type(err).__name__, err)
-        self.stats.failed += 1
-        failure = RequestFailedError(
-            f"the model failed on request {ticket.id} ({what}: {type(err).__name__})"
-        )
-        failure.__cause__ = err
-        ticket.emit(StreamEvent(error=failure))
-
-    @torch.inference_mode()
-    def _prefill(self, tickets: list[Ticket]) -> None:
-        """Run the new requests' prompts (images spliced in) and merge them into the batch.
-
-        A group whose prefill raises is retried one request at a time; only those that fail alone fail.
-        """
-        try:
-            new = self._prefill_group(tickets)
-        except Exception as err:
-            if len(tickets) == 1:
-                self._fail(tickets[0], err, "prefill")
-                return
-            self.stats.retried += 1
-            log.warning("prefill of %d requests failed (%s); retrying each alone", len(tickets), err)
-            for ticket in tickets:
-                self._prefill([ticket])
-            return
-        batch, tokens, failed = new
-        self._merge(batch)
-        self._take_tokens(tokens, failed, first_row=len(self._batch.rows) - len(batch.rows))
-
-    def _prefill_group(self, tickets: list[Ticket]) -> tuple[RunningBatch, torch.Tensor, list[int]]:
-        pipe = self.pipeline
-        inputs = pipe.batch_inputs([t.encoded for t in tickets])
-        mask = inputs["attention_mask"]
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with pipe.lock:
-            out = pipe.model(
-                **inputs, position_ids=positions, use_cache=True, logits_to_keep=1, return_dict=True
-            )
-        check_cache_layers(out.cache)
-        rows = [self._new_row(t) for t in tickets]
-        tokens, failed = sample_tokens(out.logits[:, -1, :], rows, self._suppress)
-        batch = RunningBatch(out.cache, mask, mask.sum(-1), torch.zeros_like(mask[:, 0]), rows)
-        return batch, tokens, failed
-
-    @torch.inference_mode()
-    def _step(self) -> None:
-        """One decode step for every running row."""
-        now = time.monotonic()
-        for row in self._batch.rows:
-            if not row.ticket.cancelled and row.ticket.expired(now):
-                self._time_out(row.ticket)
-        self._drop(lambda row: row.ticket.cancelled or row.ticket.timed_out, cancelled=True)
-        if self._batch is None:
-            return
-        try:
-            logits = self._forward(self._batch)
-        except Exception as err:
-            logits = self._retry_rows(err)
-            if logits is None:
-                return
-        self.stats.steps += 1
-        tokens, failed = sample_tokens(logits, self._batch.rows, self._suppress)
-        self._take_tokens(tokens, failed, first_row=0)
-
-    def _forward(self, batch: RunningBatch) -> torch.Tensor:
-        """One decode step of `batch` -> last logits (B, V); on an error the batch is as before."""
-        pipe = self.pipeline
-        length = batch.mask.shape[1]
-        mask = torch.cat([batch.mask, torch.ones_like(batch.mask[:, :1])], dim=1)
-        try:
-            with pipe.lock:
-                out = pipe.model(
-                    input_ids=batch.next_token[:, None],
-                    attention_mask=mask,
-                    position_ids=batch.positions[:, None],
-                    cache=batch.cache,
-                    use_cache=True,
-                    return_dict=True,
-                )
-        except Exception:
-            batch.truncate_cache(length)  # layers that ran already appended this step's column
-            raise
-        batch.cache, batch.mask, batch.positions = out.cache, mask, batch.positions + 1
-        return out.logits[:, -1, :]
-
-    def _retry_rows(self, err: Exception) -> torch.Tensor | None:
-        """A step of the whole batch raised: step each row alone; the rows that fail alone fail.
-
-        Returns the logits of the rows left (now `self._batch`), or None when none is.
-        """
-        batch, self._batch = self._batch, None
-        if len(batch.rows) == 1:
-            self._fail(batch.rows[0].ticket, err, "decode step")
-            return None
-        self.stats.retried += 1
-        log.warning("decode step of %d rows failed (%s); retrying each row alone", len(batch.rows), err)
-        parts: list[RunningBatch] = []
-        logits: list[torch.Tensor] = []
-        for i in range(len(batch.rows)):
-            part = batch.subset([i])
-            try:
-                logits.append(self._forward(part))
-            except Exception as row_err:
-                self._fail(part.rows[0].ticket, row_err, "decode step")
-                continue
-            parts.append(part)
-        del batch
-        if not parts:
-            return None
-        merged = parts[0]
-        for part in parts[1:]:
-            merged.extend(part)
-        self._batch = merged
-        return torch.cat(logits)
-
-    def _merge(self, new: RunningBatch) -> None:
-        self.stats.prefills += 1
-        if self._batch is None:
-            self._batch = new
-            return
-        self.stats.joined_running += 1
-        self._batch.extend(new)
-
-    def _take_tokens(self, tokens: torch.Tensor, failed: list[int], first_row: int) -> None:
-        """Hand each row its token (from `first_row` on); finished and failed rows leave the batch."""
-        batch = self._batch
-        finished: dict[int, str] = {}
-        gone: set[int] = set()
-        values = tokens.tolist()
-        for offset in failed:
-            i = first_row + offset
-            bad = FloatingPointError("its scores are NaN or allow no token")
-            self._fail(batch.rows[i].ticket, bad, "sampling")
-            gone.add(i)
-        for offset, token in enumerate(values):
-            i = first_row + offset
-            if i in gone:
-                continue
-            try:
-                reason = self._advance(i, token, tokens[offset : offset + 1])
-            except Exception as err:  # e.g. the tokenizer failing on this row's text: this row only
-                self._fail(batch.rows[i].ticket, err, "decoding")
-                gone.add(i)
-                continue
-            if reason is not None:
-                finished[i] = reason
-        self.stats.peak_batch = max(self.stats.peak_batch, len(batch.rows))
-        for i, reason in finished.items():
-            try:
-                self._finish(batch.rows[i], reason)
-            except Exception as err:
-                self._fail(batch.rows[i].ticket, err, "decoding")
-        if finished or gone:
-            self._drop(lambda row: False, indices=set(finished) | gone)
-
-    def _advance(self, i: int, token: int, token_tensor: torch.Tensor) -> str | None:
-        """Row i takes its token: a text piece to its sink; the finish reason once it is done."""
-        batch = self._batch
-        row = batch.rows[i]
-        batch.next_token[i] = token
-        row.completion_tokens += 1
-        self.stats.tokens += 1
-        if token in self._eos:
-            return "stop"
-        piece = row.decoder.add(token)
-        if piece:
-            row.ticket.emit(StreamEvent(piece=piece))
-        if row.seen is not None:
-            row.seen = torch.unique(torch.cat([row.seen, token_tensor]))
-        if row.decoder.stopped:
-            return "stop"
-        if row.completion_tokens >= row.ticket.config.max_new_tokens:
-            return "length"
-        if int(batch.positions[i]) + 1 >= self.pipeline.max_context:
-            return "length"
-        return None
-
-    def _finish(self, row: Row, reason: str) -> None:
-        piece = row.decoder.finish()
-        if piece:
-            row.ticket.emit(StreamEvent(piece=piece))
-        result = GenerationResult(
-            text=row.decoder.text,
-            prompt_tokens=len(row.ticket.encoded.input_ids),
-            completion_tokens=row.completion_tokens,
-            finish_reason=reason,
-        )
-        self.stats.completed += 1
-        row.ticket.emit(StreamEvent(result=result))
-
-    def _drop(
-        self, predicate: Callable[[Row], bool], indices: set[int] = frozenset(), cancelled=False
-    ) -> None:
-        """Remove rows (by index or predicate) from the batch; trim padding no row needs."""
-        batch = self._batch
-        if batch is None:
-            return
-        gone = {i for i, row in enumerate(batch.rows) if i in indices or predicate(row)}
-        if not gone:
-            return
-        if cancelled:
-            n = sum(1 for i in gone if batch.rows[i].ticket.cancelled and not batch.rows[i].ticket.timed_out)
-            self.stats.cancelled += n
-            log.info("dropped %d cancelled and %d timed-out requests", n, len(gone) - n)
-        keep = [i for i in range(len(batch.rows)) if i not in gone]
-        if keep:
-            batch.keep(keep)
-        else:
-            self._batch = None
-
-    def _fail_running(self, err: BaseException) -> None:
-        """Fail the running rows (the waiting requests are left alone)."""
-        batch, self._batch = self._batch, None
-        for row in batch.rows if batch is not None else []:
-            self.stats.failed += 1
-            row.ticket.emit(StreamEvent(error=err))

@@ -30,11 +30,21 @@ def byte_fallback_ids(tokenizer) -> frozenset[int]:
 class IncrementalDecoder:
     """Token ids in, text pieces out; the pieces concatenate to `text` at the end.
 
-    Decodes the whole answer at every token (cheap next to a model step) and emits only the part
-    that can no longer change: text made of a trailing run of byte-fallback tokens, or ending in
-    U+FFFD, may still become a different character, and a tail that could begin a stop string may
-    still be cut. `stopped` turns true when a stop string appears; `finish()` flushes the rest.
+    Emits only the part of the answer's text that can no longer change: text made of a trailing run
+    of byte-fallback tokens, or ending in U+FFFD, may still become a different character, and a
+    tail that could begin a stop string may still be cut. `stopped` turns true when a stop string
+    appears; `finish()` flushes the rest.
+
+    The text is not decoded whole at every token (quadratic in the answer's length): the ids up to
+    a boundary where the text is complete are kept as text, and only the ids after it are decoded,
+    with a few visible tokens before it as context (what a tokenizer needs to render the first
+    tokens of a sequence as in the middle of one: sentencepiece's leading space, byte runs). The
+    boundary moves every `window` tokens; at 64, 128, 256... ids the kept text is checked against a
+    whole decode, and a tokenizer whose text does not split this way is decoded whole from then on.
     """
+
+    window: int | None = 32  # None: decode the whole answer at every token
+    context = 4  # visible tokens decoded before the boundary
 
     def __init__(self, tokenizer, stop: Sequence[str] = (), byte_ids: frozenset[int] | None = None):
         self.tokenizer = tokenizer
@@ -46,9 +56,46 @@ class IncrementalDecoder:
         self.stopped = False
         self.text = ""
         self._in_byte_run = False  # last visible token is a byte token (special ones are skipped)
+        self._whole = self.window is None
+        self._kept = 0  # ids[:_kept] are decoded in _kept_text
+        self._kept_text = ""
+        self._start = 0  # the ids decoded at each token: ids[_start:], context included
+        self._context_text = ""  # the text of ids[_start:_kept]
+        self._next_check = 64
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        """The text of all the ids so far."""
+        if self._whole:
+            return self._decode_ids(self.ids)
+        tail = self._decode_ids(self.ids[self._start :])
+        if not tail.startswith(self._context_text):
+            log.debug(
+                "context %r is not a prefix of %r: decoding whole from now on", self._context_text, tail
+            )
+            self._whole = True
+            return self._decode_ids(self.ids)
+        return self._kept_text + tail[len(self._context_text) :]
+
+    def _keep(self, text: str) -> None:
+        """Move the boundary to the end when `text` (of all the ids) is complete there."""
+        n = len(self.ids)
+        if self._whole or n - self._kept < self.window or self._in_byte_run or text.endswith("\ufffd"):
+            return
+        if n >= self._next_check:
+            self._next_check *= 2
+            if self._decode_ids(self.ids) != text:
+                log.debug("the kept text differs from a whole decode: decoding whole from now on")
+                self._whole = True
+                return
+        start, visible = n, 0
+        while start > 0 and visible < self.context:
+            start -= 1
+            visible += self.ids[start] not in self.special_ids
+        self._kept, self._kept_text = n, text
+        self._start, self._context_text = start, self._decode_ids(self.ids[start:n])
 
     def add(self, token_id: int) -> str:
         """Feed one generated id (not EOS); returns the new text piece, maybe ''."""
@@ -56,7 +103,9 @@ class IncrementalDecoder:
         self.ids.append(token_id)
         if token_id not in self.special_ids:
             self._in_byte_run = token_id in self.byte_ids
-        text, found = cut_at_stop(self._decode(), self.stop)
+        whole = self._decode()
+        self._keep(whole)
+        text, found = cut_at_stop(whole, self.stop)
         if found:
             self.stopped = True
             return self._advance(text)
@@ -78,8 +127,8 @@ class IncrementalDecoder:
         return ""
 
     def finish(self) -> str:
-        """The last piece; afterwards `text` is the whole answer (stop string cut)."""
-        self.text = cut_at_stop(self._decode(), self.stop)[0]
+        """The last piece; afterwards `text` is the whole answer (stop string cut), decoded whole."""
+        self.text = cut_at_stop(self._decode_ids(self.ids), self.stop)[0]
         if not self.text.startswith(self.emitted):
             # Only a tokenizer whose decoding of a prefix is not a prefix of the whole gets here.
             log.warning("streamed text %r is not a prefix of the final answer %r", self.emitted, self.text)

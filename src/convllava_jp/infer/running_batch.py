@@ -137,7 +137,9 @@ def sample_tokens(
     if suppress is not None:
         logits[:, suppress[suppress < logits.shape[-1]]] = float("-inf")
     tokens = logits.argmax(-1)
-    bad = torch.isnan(logits).any(-1) | (logits == float("-inf")).all(-1)
+    # One pass over the scores: argmax picks a NaN when there is one, and -inf only when all are.
+    best = logits.gather(-1, tokens[:, None])[:, 0]
+    bad = torch.isnan(best) | (best == float("-inf"))
     sampled = [i for i, row in enumerate(rows) if row.generator is not None]
     if sampled:
         probs = torch.stack([_probabilities(logits[i], rows[i].ticket.config) for i in sampled])

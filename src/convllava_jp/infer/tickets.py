@@ -109,3 +109,5 @@ class BatcherStats:
     peak_batch: int = 0
     prefills: int = 0
     joined_running: int = 0  # prefills merged into a batch that was already decoding
+    first_tokens: int = 0  # requests that got their first token
+    first_token_s: float = 0.0  # their waits from submit to the first token, summed
