@@ -38,11 +38,11 @@ def test_adamw_8bit_falls_back_to_torch_adamw_with_a_notice(tiny_world, caplog):
         assert _optimizer_name(stage) == "adamw_bnb_8bit"
         return
     with caplog.at_level(logging.WARNING, logger="convllava_jp.train.arguments"):
-        assert _optimizer_name(stage) == "adamw_torch"
+        assert _optimizer_name(stage) == "adamw_torch_fused"
     assert "8-bit AdamW needs bitsandbytes and a CUDA GPU; using torch AdamW" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="convllava_jp.train.arguments"):
-        assert _optimizer_name(_stage(tiny_world, optimizer="adamw")) == "adamw_torch"
+        assert _optimizer_name(_stage(tiny_world, optimizer="adamw")) == "adamw_torch_fused"
     assert "8-bit" not in caplog.text  # plain AdamW asks for nothing, so nothing to say
 
 

@@ -148,7 +148,11 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         "--no-cache", action="store_true", help="regenerate every prediction and ask the judge again"
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, mps or auto (default: %(default)s)")
-    p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: as saved)")
+    p.add_argument(
+        "--dtype",
+        help="float32, bfloat16, float16 or auto (bfloat16 where the device has native bf16); bfloat16 "
+        "on the CPU takes the fast path (default: as saved, exact)",
+    )
     p.add_argument(
         "--template",
         help="chat template of the prompts: a name (llm-jp-v1, plain, llm-jp-3, qwen3, ...) or a .jinja file "

@@ -179,14 +179,20 @@ class VLMPipeline:
 
         Args:
             device: "cpu", "cuda", "cuda:1", "mps" or "auto".
-            dtype: "float32", "bfloat16", "float16" (or a torch dtype); None keeps the saved one.
+            dtype: "float32", "bfloat16", "float16" (or a torch dtype); None keeps the saved one;
+                "auto" is bfloat16 where the device has native bf16, else the saved one. bfloat16 /
+                float16 on the CPU also take the CPU fast path (`model.fast_inference`).
             template: chat template the prompts are rendered with; default: the one the model's
                 last chat stage was trained with (recorded in the dir), else `llm-jp-v1`.
         """
+        from ..model.fast_inference import prepare_cpu_inference
         from ..model.model_dir import load_model_dir
 
         model, processor = load_model_dir(model_dir, device=resolve_device(device), dtype=dtype)
-        log.info("loaded %s on %s (%s)", model_dir, model.device, model.dtype)
+        fast = prepare_cpu_inference(model)
+        log.info(
+            "loaded %s on %s (%s%s)", model_dir, model.device, model.dtype, ", CPU fast path" if fast else ""
+        )
         return cls(model, processor, template)
 
     @property

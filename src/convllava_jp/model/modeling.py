@@ -204,11 +204,14 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        loss_only: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids (B, T) with placeholders; pixel_values (B, 3, H, W) or a list of (3, H, W).
 
         labels (B, T) with -100 where not supervised; the shift happens inside the LLM's loss.
+        `loss_only` (with labels; what the trainer asks for): the LM head runs on the supervised
+        positions only and no logits are returned (`supervised_loss`).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -216,6 +219,9 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
             inputs_embeds = self.splice_image_features(input_ids, pixel_values)
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
+        if loss_only and labels is not None and cache is None and self._loss_parts() is not None:
+            kwargs.pop("use_cache", None)
+            return self.supervised_loss(inputs_embeds, labels, attention_mask, position_ids, **kwargs)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -226,6 +232,56 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
             **kwargs,
         )
         return outputs
+
+    def _loss_parts(self) -> tuple[nn.Module, nn.Module] | None:
+        """(decoder, lm_head) of the LLM when its logits are plain `lm_head(decoder(x))` (no
+        softcapping or logit scale, which the LLM's own forward applies), else None. A peft
+        wrapper is looked through (its LoRA layers live inside the same modules)."""
+        cfg = self.config.text_config
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (
+            None,
+            1,
+            1.0,
+        ):
+            return None
+        lm = self.language_model
+        lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        head, decoder = getattr(lm, "lm_head", None), getattr(lm, "base_model", None)
+        if not isinstance(head, nn.Module) or not isinstance(decoder, nn.Module) or decoder is lm:
+            return None
+        return decoder, head
+
+    def supervised_loss(
+        self,
+        inputs_embeds: torch.Tensor,
+        labels: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """The LLM's causal-LM loss with the LM head applied only where a next token is supervised.
+
+        Same value as the LLM's own loss (mean over supervised tokens, or sum / `num_items_in_batch`
+        as the Trainer passes it), but the vocabulary projection and its backward skip the image
+        and prompt positions: in a LLaVA batch most positions carry -100.
+        """
+        decoder, head = self._loss_parts()
+        hidden = decoder(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            **kwargs,
+        ).last_hidden_state
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != -100
+        logits = head(hidden[:, :-1][keep]).float()
+        loss = nn.functional.cross_entropy(logits, targets[keep], reduction="sum")
+        denominator = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        if torch.is_tensor(denominator):
+            denominator = denominator.to(loss.device)
+        return CausalLMOutputWithPast(loss=loss / denominator)
 
 
 def parameter_counts(

@@ -25,7 +25,8 @@ def _precision_flags(precision: str) -> dict:
 
 
 def _optimizer_name(stage: StageConfig) -> str:
-    """HF `optim` name: bitsandbytes' 8-bit AdamW where it can run (CUDA), else torch AdamW."""
+    """HF `optim` name: bitsandbytes' 8-bit AdamW where it can run (CUDA), else torch's fused AdamW
+    (one kernel per step over all parameters; docs/benchmarks.md has the step times)."""
     if stage.optimizer == "adamw_8bit":
         try:
             import bitsandbytes  # noqa: F401
@@ -35,7 +36,7 @@ def _optimizer_name(stage: StageConfig) -> str:
         except ImportError:
             pass
         log.warning("stage %s: 8-bit AdamW needs bitsandbytes and a CUDA GPU; using torch AdamW", stage.name)
-    return "adamw_torch"
+    return "adamw_torch_fused"
 
 
 def training_arguments(

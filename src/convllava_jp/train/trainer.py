@@ -180,6 +180,9 @@ class ConvLlavaTrainer(Trainer):
         if inputs["input_ids"].numel() == 0:  # every sample of this batch was a broken record
             zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (zero, None) if return_outputs else zero
+        if not return_outputs and "labels" in inputs and self.compute_loss_func is None:
+            # The loss alone: the LM head runs on the supervised positions only (no logits).
+            inputs = {**inputs, "loss_only": True}
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def create_optimizer(self, model=None):
