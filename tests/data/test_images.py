@@ -227,6 +227,19 @@ def test_keep_aspect_sizes(width: int, height: int, expected_hw: tuple[int, int]
     assert max(pixels.shape[1:]) == 768
 
 
+@pytest.mark.parametrize("max_tokens", [1, 2, 3, 7, 12, 40, 144])
+@pytest.mark.parametrize(
+    "height,width", [(300, 4000), (4000, 300), (10, 4000), (4000, 10), (768, 768), (500, 300)]
+)
+def test_keep_aspect_token_budget_holds_for_any_aspect(height: int, width: int, max_tokens: int) -> None:
+    # Very long images once asked for 0 rows (or divided by 0 columns) under a small budget.
+    h, w = preprocessed_size(height, width, 768, "keep-aspect", max_tokens=max_tokens)
+    assert h >= 64 and w >= 64 and h % 64 == 0 and w % 64 == 0
+    assert (h // 64) * (w // 64) <= max_tokens
+    if max_tokens >= 12 and max(height, width) / min(height, width) < 2:
+        assert (h // 64) * (w // 64) >= max_tokens // 2  # the budget is used, not wasted
+
+
 def test_keep_aspect_needs_a_multiple_of_the_stride() -> None:
     image = random_rgb(64, 64)
     with pytest.raises(ConfigError, match="multiple of the stride 64"):

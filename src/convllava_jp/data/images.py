@@ -273,7 +273,10 @@ def _token_budget_size(height: int, width: int, stride: int, max_tokens: int) ->
     """The largest (rows, cols) grid of the image's aspect with rows * cols <= max_tokens, in pixels."""
     check_positive_int("max_tokens", max_tokens)
     scale = math.sqrt(max_tokens / (height * width))
-    rows, cols = max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
+    # Each side at least one token and at most the budget (a very long image would otherwise ask
+    # for more columns than the budget once its single row is rounded up to 1).
+    rows = min(max(1, math.floor(height * scale)), max_tokens)
+    cols = min(max(1, math.floor(width * scale)), max_tokens)
     rows, cols = min(rows, max_tokens // cols), min(cols, max_tokens // rows)
     # Rounding down may leave room for one more row or column.
     if (rows + 1) * cols <= max_tokens and (rows + 1) / cols <= height / width:
