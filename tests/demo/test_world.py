@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from convllava_jp.demo import language, scenes
+from convllava_jp.demo.tokenizer import TEMPLATE_TOKENS
 from convllava_jp.demo.world import WorldInfo, generate_world, load_world_info
 from convllava_jp.errors import ConfigError, DataError
 from convllava_jp.model import templates
@@ -393,12 +394,37 @@ def test_tokenizer_vocabulary(tokenizer):
     assert all(f"<0x{b:02X}>" in vocab for b in range(256))
     specials = {"<unk>", "<pad>", EOS, "<image>"}
     assert specials <= set(vocab)
-    learned = [t for t in vocab if t not in specials and not re.fullmatch(r"<0x[0-9A-F]{2}>", t)]
+    learned = [
+        t
+        for t in vocab
+        if t not in specials and t not in TEMPLATE_TOKENS and not re.fullmatch(r"<0x[0-9A-F]{2}>", t)
+    ]
     assert learned and max(len(t) for t in learned) <= 3
     assert any(len(t) == 3 for t in learned)  # the cap is 3 characters, not 2
     assert (tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token) == (EOS, "<pad>", "<unk>")
     assert len({tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.unk_token_id}) == 3
     assert tokenizer.bos_token is None
+
+
+def test_template_text_is_one_token_each_and_decodes_exactly(tokenizer):
+    """The llm-jp-v1 template's system prompt and role markers are one token each, plain text."""
+    messages = [
+        {"role": "user", "content": "<image>\n赤い円はありますか？"},
+        {"role": "assistant", "content": "赤い円があります。"},
+        {"role": "user", "content": "図形はいくつありますか？"},
+    ]
+    text = templates.render(messages, "llm-jp-v1", EOS, add_generation_prompt=True)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    assert pieces[0] == templates.LLM_JP_SYSTEM_PROMPT
+    assert (
+        pieces.count(f" {templates.USER_ROLE_JA}: ") == 2
+        and pieces.count(f" {templates.ASSISTANT_ROLE_JA}: ") == 2
+    )
+    assert tokenizer.decode(ids) == text
+    # not special: skipping special tokens keeps them (only <image> and EOS go)
+    assert templates.LLM_JP_SYSTEM_PROMPT in tokenizer.decode(ids, skip_special_tokens=True)
+    assert len(ids) < 30
 
 
 def test_world_words_are_whole_tokens(tokenizer):

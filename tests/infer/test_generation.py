@@ -249,9 +249,14 @@ def test_eos_ends_the_answer_the_same_way_in_pipeline_and_batcher(pipeline, imag
     with torch.no_grad():
         rows[pipeline.tokenizer.eos_token_id] = rows[ids[5]] * 1.05  # wins wherever ids[5] would
     eos_pipeline = VLMPipeline(model, pipeline.processor)
+    eos = pipeline.tokenizer.eos_token_id
+    with torch.inference_mode():  # where transformers' greedy search ends with the same model
+        ref = model.generate(**inputs, max_new_tokens=30, do_sample=False, pad_token_id=0, eos_token_id=eos)
+    ref_ids = ref[0, inputs["input_ids"].shape[1] :].tolist()
+    assert ref_ids[-1] == eos and len(ref_ids) <= ids.index(ids[5]) + 1  # EOS came early
     result = eos_pipeline.generate([request], config)[0]
     assert result.finish_reason == "stop"
-    assert result.completion_tokens == ids.index(ids[5]) + 1  # the answer + EOS
+    assert result.completion_tokens == len(ref_ids)  # the answer + EOS
     with ContinuousBatcher(eos_pipeline) as batcher:
         assert batcher.generate(request, config, timeout=30) == result
         assert "".join(batcher.stream(request, config, timeout=30)) == result.text

@@ -89,7 +89,7 @@ def _add_demo(sub) -> None:
         help="the built-in demo: synthetic world -> 3 training stages on a tiny model -> held-out scores",
     )
     p.add_argument("--output", default="demo-output", help="output dir (default: %(default)s)")
-    p.add_argument("--train", type=int, default=8000, help="training images (default: %(default)s)")
+    p.add_argument("--train", type=int, default=6000, help="training images (default: %(default)s)")
     p.add_argument("--test", type=int, default=400, help="held-out images (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
@@ -97,7 +97,8 @@ def _add_demo(sub) -> None:
         "--vision-steps",
         type=int,
         default=3000,
-        help="steps of the vision tower's pretraining on the world, the demo's stand-in for CLIP (default: %(default)s)",
+        help="steps (of 16 fresh scenes) of the vision tower's pretraining on the world, the demo's stand-in "
+        "for CLIP (default: %(default)s)",
     )
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value (repeatable)")

@@ -72,7 +72,7 @@ def _stage_row(r) -> dict:
 
 def run_demo(
     output_dir: str | Path = "demo-output",
-    n_train: int = 8000,
+    n_train: int = 6000,
     n_test: int = 400,
     seed: int = 0,
     step_scale: float = 1.0,

@@ -10,7 +10,7 @@ import json
 import re
 from collections.abc import Iterable
 
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from ..model import templates
@@ -23,6 +23,16 @@ PAD_TOKEN = "<pad>"
 UNK_TOKEN = "<unk>"
 SPECIAL_TOKENS = (UNK_TOKEN, PAD_TOKEN, EOS_TOKEN, IMAGE_TOKEN)
 _MAX_TOKEN_CHARS = 3  # longest learned token; uncapped BPE turns answers into single tokens
+# The llm-jp-v1 template's fixed text, one token each (plain text, not special: decoding keeps it).
+# Every chat sample starts with the system prompt, 33 tokens of the learned vocabulary, and each
+# turn has a role marker of 4-5: as one token each, a stage-3 sample is 32 tokens on average
+# instead of 75 (the tiny LLM's attention is no longer spread over a long constant prefix), and
+# its steps are cheaper (docs/training.md, "Demo speed").
+TEMPLATE_TOKENS = (
+    templates.LLM_JP_SYSTEM_PROMPT,
+    f" {templates.USER_ROLE_JA}: ",
+    f" {templates.ASSISTANT_ROLE_JA}: ",
+)
 
 
 def _lexicon_pattern() -> str:
@@ -46,7 +56,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> PreTrainedTo
     single tokens, which turns the task into classification), byte fallback (256 `<0xNN>` tokens
     on top of `vocab_size`) so any text encodes, no normalizer and a fuse decoder so decoding gives
     back the exact text. Special tokens: `<unk>`, `<pad>`, `<EOD|LLM-jp>` (eos), `<image>`.
-    Chat templates: `llm-jp-v1` (default) and `plain`.
+    Chat templates: `llm-jp-v1` (default) and `plain`; that template's system prompt and role
+    markers are one added token each (`TEMPLATE_TOKENS`).
     """
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN, byte_fallback=True, fuse_unk=True))
     # The world's words are pieces of their own (as a morphological pre-tokenizer would cut
@@ -86,7 +97,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> PreTrainedTo
     tokenizer = Tokenizer.from_str(json.dumps(data, ensure_ascii=False))
 
     chat_templates = {"default": templates.JINJA_TEMPLATES["llm-jp-v1"], **templates.JINJA_TEMPLATES}
-    return PreTrainedTokenizerFast(
+    wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer,
         eos_token=EOS_TOKEN,
         pad_token=PAD_TOKEN,
@@ -95,6 +106,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 768) -> PreTrainedTo
         chat_template=chat_templates,
         clean_up_tokenization_spaces=False,
     )
+    wrapped.add_tokens([AddedToken(t, normalized=False, special=False) for t in TEMPLATE_TOKENS])
+    return wrapped
 
 
 def world_vocabulary_texts() -> list[str]:
