@@ -201,6 +201,8 @@ def _cast_from_files(model: torch.nn.Module, path: Path, dtype: torch.dtype) -> 
         if not tensor.is_floating_point():
             continue
         target = torch.float32 if any(k in name.split(".") for k in keep) else dtype
+        if tensor.dtype == target:  # already as asked (e.g. float32 from a float32 dir): no re-read
+            continue
         new = done.get(id(tensor))
         if new is None:
             entry = index.get(name)
