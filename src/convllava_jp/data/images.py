@@ -15,8 +15,10 @@ place that reads an image (server, web UI, predict, chat, evaluation, training d
 - ``keep-aspect``: long side to the target, both sides rounded to multiples of ``stride``, no crop
   (ConvLLaVA's finding for documents).
 
-`image_token_count` is the one formula for how many image tokens a preprocessed image becomes.
-The model's `ConvLlavaImageProcessor` (`model/image_processing.py`) wraps loading and preprocessing.
+`preprocess_batch` does the same for several images at once (the same values, normalised in one
+pass). Output sizes, `image_token_count` (the one formula for how many image tokens a preprocessed
+image becomes) and the option checks are in `image_sizes`. The model's `ConvLlavaImageProcessor`
+(`model/image_processing.py`) wraps loading and preprocessing.
 """
 
 from __future__ import annotations
@@ -26,15 +28,27 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import IO
 
+import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
-from torchvision.transforms import functional as TF
 
-from ..errors import ConfigError, ImageError
+from ..errors import ImageError
 from .image_formats import OPENERS, SAFE_IMAGE_FORMATS, refused_format_message, unidentified_message
+from .image_sizes import (
+    DEFAULT_STRIDE,
+    ImageSize,
+    check_mean_std,
+    check_positive_int,
+    preprocessed_size,
+)
+
+# Moved to `image_sizes`, still importable from here (redundant aliases mark re-exports).
+from .image_sizes import PREPROCESS_MODES as PREPROCESS_MODES
+from .image_sizes import check_preprocess_options as check_preprocess_options
+from .image_sizes import image_token_count as image_token_count
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +56,7 @@ logger = logging.getLogger(__name__)
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
-PREPROCESS_MODES: tuple[str, ...] = ("crop", "pad", "keep-aspect")
 DEFAULT_MAX_PIXELS = 50_000_000
-DEFAULT_STRIDE = 64  # ConvNeXt with stage 5: one image token per 64x64 pixels
 
 # `pad` builds LLaVA's square canvas (max(W, H)^2 pixels) only up to this size (~190 MB RGB); a very
 # long, thin image would otherwise need gigabytes, so beyond it the image is shrunk first.
@@ -57,7 +69,6 @@ _RESIZE_LIMIT = 64_000_000
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | IO[bytes] | Image.Image
-ImageSize = int | tuple[int, int] | list[int]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -220,112 +231,83 @@ def preprocess(
         ``(3, H, W)`` float32 tensor, ``(pixel / 255 - mean) / std``. ``(H, W)`` is the target for
         ``crop`` / ``pad`` and `preprocessed_size` of the image for ``keep-aspect``.
     """
-    target = preprocessed_size(image.height, image.width, size, mode, stride, max_tokens)
-    mean, std = check_mean_std(mean, std)
-    if image.mode != "RGB":
-        image = to_rgb(image)
-
-    if mode == "crop":
-        image = _resize_cover_and_center_crop(image, target)
-    elif mode == "pad":
-        fill = tuple(int(channel * 255) for channel in mean)  # as LLaVA's expand2square
-        image = _pad_to_aspect_and_resize(image, target, fill)
-    else:
-        image = _resize_exact(image, target)
-    tensor = TF.to_tensor(image)  # (3, H, W) float32 in [0, 1]
-    return TF.normalize(tensor, list(mean), list(std))
+    return preprocess_batch([image], size, mode, stride, mean, std, max_tokens)[0]
 
 
-def preprocessed_size(
-    height: int,
-    width: int,
+def preprocess_batch(
+    images: Iterable[Image.Image],
     size: ImageSize,
     mode: str = "crop",
     stride: int = DEFAULT_STRIDE,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = CLIP_STD,
     max_tokens: int | None = None,
-) -> tuple[int, int]:
-    """The ``(H, W)`` that `preprocess` gives an image of ``height x width``, without doing it.
+) -> torch.Tensor | list[torch.Tensor]:
+    """`preprocess` of several images: the same values, normalised in one pass over the batch.
 
-    ``keep-aspect`` with ``max_tokens``: an image whose size at the long-side target would take more
-    image tokens is scaled down further, keeping its aspect, to the largest grid within the budget
-    (a long receipt or an A4 page keeps its shape at a bounded cost).
+    Args:
+        images: PIL images, taken one at a time (from a generator that loads each one when asked,
+            errors come in the order that calling `preprocess` image by image gives).
+        size, mode, stride, mean, std, max_tokens: as for `preprocess`.
 
-    Raises:
-        ConfigError: unknown mode, bad size or stride, or a ``keep-aspect`` target that is not a
-            single multiple of ``stride``.
-    """
-    target = check_preprocess_options(size, mode, stride)
-    if mode != "keep-aspect":
-        return target
-    long_side = target[0]
-    scale = long_side / max(height, width)
-
-    def round_to_stride(length: int) -> int:
-        return max(stride, math.floor(length * scale / stride + 0.5) * stride)
-
-    out = round_to_stride(height), round_to_stride(width)
-    if max_tokens is None or (out[0] // stride) * (out[1] // stride) <= max_tokens:
-        return out
-    return _token_budget_size(height, width, stride, max_tokens)
-
-
-def _token_budget_size(height: int, width: int, stride: int, max_tokens: int) -> tuple[int, int]:
-    """The largest (rows, cols) grid of the image's aspect with rows * cols <= max_tokens, in pixels."""
-    check_positive_int("max_tokens", max_tokens)
-    scale = math.sqrt(max_tokens / (height * width))
-    # Each side at least one token and at most the budget (a very long image would otherwise ask
-    # for more columns than the budget once its single row is rounded up to 1).
-    rows = min(max(1, math.floor(height * scale)), max_tokens)
-    cols = min(max(1, math.floor(width * scale)), max_tokens)
-    rows, cols = min(rows, max_tokens // cols), min(cols, max_tokens // rows)
-    # Rounding down may leave room for one more row or column.
-    if (rows + 1) * cols <= max_tokens and (rows + 1) / cols <= height / width:
-        rows += 1
-    elif rows * (cols + 1) <= max_tokens and rows / (cols + 1) >= height / width:
-        cols += 1
-    return rows * stride, cols * stride
-
-
-def image_token_count(height: int, width: int, stride: int = DEFAULT_STRIDE) -> int:
-    """Image tokens the vision tower makes from a ``(3, height, width)`` input: ``(H/s) * (W/s)``.
+    Returns:
+        What `collate.stack_images` makes of the `preprocess` results: one ``(N, 3, H, W)`` tensor
+        when all images come out the same size (always in ``crop`` / ``pad``), else a list of N
+        ``(3, H_i, W_i)`` tensors ([] for no images).
 
     Raises:
-        ConfigError: ``height`` or ``width`` is not a positive multiple of ``stride``.
+        ConfigError: bad options. ValueError: a ``std`` that is 0 in float32 (torchvision's).
     """
-    check_positive_int("stride", stride)
-    for side_name, side in (("height", height), ("width", width)):
-        if isinstance(side, bool) or not isinstance(side, int) or side <= 0 or side % stride:
-            raise ConfigError(
-                f"image {side_name} {side!r} is not a positive multiple of the stride {stride}; "
-                f"preprocess images to sizes like {stride * 12} first"
-            )
-    return (height // stride) * (width // stride)
+    resampled: list[Image.Image] = []
+    normalisation = None
+    for image in images:
+        target = preprocessed_size(image.height, image.width, size, mode, stride, max_tokens)
+        mean_t, std_t = check_mean_std(mean, std)
+        resampled.append(_resample(image, target, mode, mean_t))
+        if normalisation is None:  # where torchvision's normalize of the first image would fail
+            normalisation = _normalisation(mean_t, std_t)
+    if normalisation is None:
+        return []
+    if all(image.size == resampled[0].size for image in resampled):
+        return _normalised(resampled, *normalisation)
+    return [_normalised([image], *normalisation)[0] for image in resampled]
 
 
-def check_preprocess_options(size: ImageSize, mode: str, stride: int) -> tuple[int, int]:
-    """Validate a (size, mode, stride) triple; return the target ``(H, W)`` (long side twice for
-    ``keep-aspect``).
+def _resample(image: Image.Image, target: tuple[int, int], mode: str, mean: tuple[float, ...]) -> Image.Image:
+    """The RGB image of size ``target`` (H, W) that `preprocess` normalises."""
+    if image.mode != "RGB":
+        image = to_rgb(image)
+    if mode == "crop":
+        return _resize_cover_and_center_crop(image, target)
+    if mode == "pad":
+        fill = tuple(int(channel * 255) for channel in mean)  # as LLaVA's expand2square
+        return _pad_to_aspect_and_resize(image, target, fill)
+    return _resize_exact(image, target)
 
-    Raises:
-        ConfigError: what is wrong and what the valid values are.
+
+def _normalisation(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(3, 1, 1)`` mean and std tensors as torchvision's ``normalize`` makes them (and its check)."""
+    dtype = torch.get_default_dtype()  # to_tensor's dtype
+    mean_t = torch.as_tensor(mean, dtype=dtype).view(-1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=dtype).view(-1, 1, 1)
+    if (std_t == 0).any():
+        raise ValueError(f"std evaluated to zero after conversion to {dtype}, leading to division by zero.")
+    return mean_t, std_t
+
+
+def _normalised(images: Sequence[Image.Image], mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """N RGB images of one size -> ``(N, 3, H, W)`` ``(pixel / 255 - mean) / std``.
+
+    Bit for bit torchvision's ``to_tensor`` + ``normalize`` of each image (the same elementwise
+    operations in the same order and dtype), but one uint8 copy per image and one pass per
+    operation over the batch, where those make five copies of every image.
     """
-    if mode not in PREPROCESS_MODES:
-        raise ConfigError(f"unknown image mode {mode!r}; valid modes: {', '.join(PREPROCESS_MODES)}")
-    check_positive_int("stride", stride)
-    if isinstance(size, (tuple, list)):
-        if len(size) != 2 or not all(_is_positive_int(side) for side in size):
-            raise ConfigError(f"image size {size!r} must be a positive int or (height, width)")
-        if mode == "keep-aspect":
-            raise ConfigError(f"mode 'keep-aspect' takes one int size (the long side), not {size!r}")
-        return int(size[0]), int(size[1])
-    if not _is_positive_int(size):
-        raise ConfigError(f"image size {size!r} must be a positive int or (height, width)")
-    if mode == "keep-aspect" and size % stride:
-        raise ConfigError(
-            f"mode 'keep-aspect' needs a size that is a multiple of the stride {stride}, got {size}; "
-            f"try {max(stride, round(size / stride) * stride)}"
-        )
-    return size, size
+    width, height = images[0].size
+    planar = np.empty((len(images), 3, height, width), dtype=np.uint8)
+    for planes, image in zip(planar, images, strict=True):
+        for plane, band in zip(planes, "RGB", strict=True):
+            plane.reshape(-1)[:] = np.frombuffer(image.tobytes("raw", band), dtype=np.uint8)
+    return torch.from_numpy(planar).to(mean.dtype).div_(255).sub_(mean).div_(std)
 
 
 def _resize_cover_and_center_crop(image: Image.Image, target: tuple[int, int]) -> Image.Image:
@@ -346,7 +328,10 @@ def _resize_cover_and_center_crop(image: Image.Image, target: tuple[int, int]) -
         resized_h, resized_w = round(height / ratio), round(width / ratio)
     if resized_w * resized_h <= _RESIZE_LIMIT:
         resized = _resize_exact(image, (resized_h, resized_w))
-        return TF.center_crop(resized, [target_h, target_w])
+        # torchvision's center_crop of a PIL image (the resized image always covers the target).
+        top = int(round((resized_h - target_h) / 2.0))
+        left = int(round((resized_w - target_w) / 2.0))
+        return resized.crop((left, top, left + target_w, top + target_h))
     # A long, thin image (say 400x20000 to 1536) would need a huge resized copy: resample only the
     # region the crop keeps. Same filter and sample positions; may differ by one grey level.
     top = int(round((resized_h - target_h) / 2.0))
@@ -404,29 +389,11 @@ def _pad_to_aspect_and_resize(
 
 
 def _resize_exact(image: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """Bicubic resize to ``(H, W)`` with torchvision (PIL antialiased bicubic underneath)."""
-    return TF.resize(image, list(target), interpolation=TF.InterpolationMode.BICUBIC)
+    """Bicubic (antialiased) resize to ``(H, W)``: what torchvision's ``resize`` does with a PIL image.
 
-
-def _is_positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def check_positive_int(option: str, value: object) -> None:
-    if not _is_positive_int(value):
-        raise ConfigError(f"{option} must be a positive int, got {value!r}")
-
-
-def check_mean_std(
-    mean: Sequence[float], std: Sequence[float]
-) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    try:
-        mean_t = tuple(float(value) for value in mean)
-        std_t = tuple(float(value) for value in std)
-    except (TypeError, ValueError):
-        raise ConfigError(f"image mean/std must be 3 numbers each, got {mean!r} / {std!r}") from None
-    if len(mean_t) != 3 or len(std_t) != 3 or min(std_t) <= 0:
-        raise ConfigError(
-            f"image mean/std must be 3 numbers each (std > 0), got {list(mean)!r} / {list(std)!r}"
-        )
-    return mean_t, std_t
+    An image already of that size is returned as it is (torchvision returns it too).
+    """
+    target_h, target_w = target
+    if image.size == (target_w, target_h):
+        return image
+    return image.resize((target_w, target_h), Image.Resampling.BICUBIC)

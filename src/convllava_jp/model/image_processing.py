@@ -7,28 +7,30 @@ It loads and preprocesses with `data.images` and saves / loads as ``preprocessor
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, TypedDict
 
 import torch
+from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
-from ..data.collate import stack_images
-from ..data.images import (
-    CLIP_MEAN,
-    CLIP_STD,
-    DEFAULT_MAX_PIXELS,
+from ..data.image_sizes import (
     DEFAULT_STRIDE,
     ImageSize,
-    ImageSource,
     check_mean_std,
     check_positive_int,
     check_preprocess_options,
     image_token_count,
-    load_image,
-    preprocess,
     preprocessed_size,
+)
+from ..data.images import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DEFAULT_MAX_PIXELS,
+    ImageSource,
+    load_image,
+    preprocess_batch,
 )
 from ..errors import ConfigError, ImageError
 
@@ -132,23 +134,23 @@ class ConvLlavaImageProcessor(BaseImageProcessor):
         if not batch:
             raise ImageError("no images given to ConvLlavaImageProcessor")
 
-        pixel_values = []
+        pixel_values = preprocess_batch(
+            self._loaded(batch),
+            self.image_size,
+            self.mode,
+            self.stride,
+            self.image_mean,
+            self.image_std,
+            self.max_image_tokens,
+        )
+        image_sizes = torch.tensor([list(values.shape[-2:]) for values in pixel_values], dtype=torch.long)
+        return BatchFeature({"pixel_values": pixel_values, "image_sizes": image_sizes})
+
+    def _loaded(self, batch: Sequence[ImageSource]) -> Iterator[Image.Image]:
+        """Load each image when `preprocess_batch` asks for it, so errors come in image order."""
         for index, source in enumerate(batch):
             name = f"<bytes: image {index}>" if isinstance(source, (bytes, bytearray)) else None
-            image = load_image(source, max_pixels=self.max_pixels, name=name)
-            pixel_values.append(
-                preprocess(
-                    image,
-                    self.image_size,
-                    self.mode,
-                    self.stride,
-                    self.image_mean,
-                    self.image_std,
-                    self.max_image_tokens,
-                )
-            )
-        image_sizes = torch.tensor([list(values.shape[-2:]) for values in pixel_values], dtype=torch.long)
-        return BatchFeature({"pixel_values": stack_images(pixel_values), "image_sizes": image_sizes})
+            yield load_image(source, max_pixels=self.max_pixels, name=name)
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H, W)`` of the pixel values this processor makes from a ``height x width`` image."""
