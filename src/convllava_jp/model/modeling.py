@@ -18,6 +18,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..errors import ConfigError, TemplateError
 from .configuration import PROJECTOR_TYPES_HELP, ConvLlavaConfig
+from .small_map_conv import use_small_map_convs
 
 _MLP_RE = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -61,6 +62,7 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
         # ConvLLaVA uses the last stage's feature map; the pooled-output norm would be an unused
         # parameter (DDP complains about those), so it is not built.
         self.vision_tower.layernorm = nn.Identity()
+        use_small_map_convs(self.vision_tower)  # 7x7 depthwise convs on maps < 4x4: the centre only
         self._set_stage5_drop_path(config)
         self.projector = build_projector(
             config.projector_type, config.vision_hidden_size, config.text_config.hidden_size
@@ -166,14 +168,34 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
                 per_image[i] = feats[j]
         return torch.cat(per_image, dim=0)  # type: ignore[arg-type]
 
+    def project_vision_features(self, vision_features: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+        """`encode_images` output given ahead (B, N, C), or a list of (N_i, C) -> (sum_i N_i, d)."""
+        if isinstance(vision_features, torch.Tensor):
+            return self.projector(vision_features).flatten(0, 1)
+        feats = list(vision_features)
+        if not feats:
+            return torch.zeros(0, self.config.text_config.hidden_size, device=self.device, dtype=self.dtype)
+        if all(f.shape == feats[0].shape for f in feats):
+            return self.projector(torch.stack(feats)).flatten(0, 1)
+        return torch.cat([self.projector(f) for f in feats], dim=0)
+
     def splice_image_features(
-        self, input_ids: torch.LongTensor, pixel_values: torch.Tensor | Sequence[torch.Tensor] | None
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor] | None,
+        vision_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Input embeddings (B, T, d) with the image placeholders replaced by image tokens.
 
         One `masked_scatter`: the k-th placeholder (row-major over the batch) gets the k-th image
-        token, so images must be listed in the order their `<image>` tags appear.
+        token, so images must be listed in the order their `<image>` tags appear. Instead of
+        `pixel_values`, `vision_features` may give what the tower made of the images beforehand
+        (a frozen tower's cached output): only the projector runs on them.
         """
+        if vision_features is not None:
+            if pixel_values is not None:
+                raise ValueError("pass pixel_values or vision_features, not both")
+            pixel_values = vision_features
         image_mask = input_ids == self.config.image_token_id
         embed = self.get_input_embeddings()
         # Placeholder ids may lie outside the vocabulary: never look them up.
@@ -183,7 +205,10 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
             if n_placeholders:
                 raise TemplateError(f"input has {n_placeholders} image placeholder tokens but no images")
             return inputs_embeds
-        image_features = self.get_image_features(pixel_values)
+        if vision_features is not None:
+            image_features = self.project_vision_features(vision_features)
+        else:
+            image_features = self.get_image_features(pixel_values)
         if image_features.shape[0] != n_placeholders:
             raise TemplateError(
                 f"image placeholders and image features do not match: {n_placeholders} placeholder tokens, "
@@ -205,18 +230,20 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         loss_only: bool = False,
+        vision_features: torch.Tensor | Sequence[torch.Tensor] | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
         """input_ids (B, T) with placeholders; pixel_values (B, 3, H, W) or a list of (3, H, W).
 
         labels (B, T) with -100 where not supervised; the shift happens inside the LLM's loss.
         `loss_only` (with labels; what the trainer asks for): the LM head runs on the supervised
-        positions only and no logits are returned (`supervised_loss`).
+        positions only and no logits are returned (`supervised_loss`). `vision_features`: the
+        tower's output for the images, computed beforehand, in place of `pixel_values`.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
-            inputs_embeds = self.splice_image_features(input_ids, pixel_values)
+            inputs_embeds = self.splice_image_features(input_ids, pixel_values, vision_features)
         if "past_key_values" in kwargs and cache is None:
             cache = kwargs.pop("past_key_values")
         if loss_only and labels is not None and cache is None and self._loss_parts() is not None:

@@ -21,6 +21,7 @@ from vllm.sequence import IntermediateTensors
 
 from ..errors import ConfigError
 from ..model.modeling import build_projector
+from ..model.small_map_conv import use_small_map_convs
 from .processing import ConvLlavaDummyInputsBuilder, ConvLlavaMultiModalProcessor, ConvLlavaProcessingInfo
 from .support import causal_lm_architecture, placeholder
 
@@ -45,6 +46,7 @@ class ConvLlavaForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsP
         with self._mark_tower_model(vllm_config, "image"):
             self.vision_tower = ConvNextModel(config.vision_config)
             self.vision_tower.layernorm = nn.Identity()  # unused and not saved, as in our model
+            use_small_map_convs(self.vision_tower)  # the same convolutions as our model's tower
             self.projector = build_projector(
                 config.projector_type, config.vision_hidden_size, config.text_config.hidden_size
             )
