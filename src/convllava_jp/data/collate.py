@@ -37,10 +37,11 @@ def stack_images(images: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Te
     """N preprocessed (3, H, W) images -> one (N, 3, H, W) tensor when all share a shape, else a list.
 
     The one form `pixel_values` takes from the processor to `forward`: the model encodes a stacked
-    batch in one pass and groups a list by size itself.
+    batch in one pass and groups a list by size itself. A list that holds `CachedImage` stand-ins
+    stays a list (the trainer swaps them for their cached features).
     """
     images = list(images)
-    if images and all(image.shape == images[0].shape for image in images):
+    if images and all(isinstance(image, torch.Tensor) and image.shape == images[0].shape for image in images):
         return torch.stack(images)
     return images
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, ImageError, TemplateError
+from .cached_images import CachedImage
 from .constants import IGNORE_INDEX, IMAGE_TOKEN, TEMPLATE_NAMES
 from .records import DataSource, RecordIndex, open_source
 from .skips import (
@@ -56,6 +57,7 @@ __all__ = ["ConversationDataset", "japanese_fraction"]
 _USER_ROLES = ("human", "user")
 _ASSISTANT_ROLES = ("gpt", "assistant")
 _LANGUAGE_SAMPLE = 200
+_MEMO_TOKENS = 32 * 1024 * 1024  # records x max_length at most: 512 MiB of ids and labels
 # Hiragana, katakana (+ phonetic extensions, half-width), CJK ideographs (+ ext. A, compat.), 々.
 _JAPANESE_CHAR = re.compile(
     r"[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\u3005]"
@@ -128,6 +130,12 @@ class ConversationDataset(Dataset):
         self.max_length = max_length
         self.image_token_id = processor.image_token_id
         self._tokens_per_image = _max_image_tokens(processor)
+        # Image file -> its cached vision features (`train.feature_cache`); None: load every image.
+        self.image_cache: dict[str, CachedImage] | None = None
+        # Samples whose images are all cached are pure functions of their record: encoded once
+        # (the chat template and tokenizer cost more than the step of a small model), when all
+        # of them fit in _MEMO_TOKENS tokens.
+        self._memo: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, list[CachedImage]]] = {}
 
         self._indexes: list[RecordIndex] = []
         for source in self.sources:
@@ -176,6 +184,9 @@ class ConversationDataset(Dataset):
     # --- samples -----------------------------------------------------------------------------
     def __getitem__(self, i: int) -> dict[str, Any] | SkippedRecord:
         k, local = self._locate(i)
+        memo = self._memo.get((k, local))
+        if memo is not None:
+            return {"input_ids": memo[0].tolist(), "labels": memo[1].tolist(), "pixel_values": list(memo[2])}
         index, source = self._indexes[k], self.sources[k]
         record_id: str | None = None
         try:
@@ -185,9 +196,20 @@ class ConversationDataset(Dataset):
                 raise _Skip(UNREADABLE_RECORD, f"{type(exc).__name__}: {exc}") from exc
             if record.get("id") is not None:
                 record_id = str(record["id"])
-            return self._encode(record, source)
+            sample = self._encode(record, source)
         except _Skip as skip:
             return SkippedRecord(index.name, index.line(local), record_id, skip.reason, skip.detail)
+        self._remember((k, local), sample)
+        return sample
+
+    def _remember(self, key: tuple[int, int], sample: dict[str, Any]) -> None:
+        images = sample["pixel_values"]
+        if self.image_cache is None or not images or not all(isinstance(p, CachedImage) for p in images):
+            return
+        if sum(len(ix) for ix in self._indexes) * self.max_length > _MEMO_TOKENS:
+            return
+        ids, labels = sample["input_ids"], sample["labels"]
+        self._memo[key] = (np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), list(images))
 
     def _encode(self, record: dict, source: DataSource) -> dict[str, Any]:
         """One record -> sample dict; raises _Skip for anything that makes the record unusable."""
@@ -254,10 +276,45 @@ class ConversationDataset(Dataset):
                 resolved.append(image)  # e.g. a PIL image from a custom dataset
             else:
                 raise _Skip(MISSING_IMAGE, f"empty image entry {image!r}")
+        cache = self.image_cache
+        if cache:
+            to_load = [r for r in resolved if not (isinstance(r, str) and r in cache)]
+        else:
+            to_load = resolved
         try:
-            return self.processor.preprocess_images(resolved)
+            loaded = iter(self.processor.preprocess_images(to_load))
         except ImageError as exc:
             raise _Skip(BAD_IMAGE, str(exc)) from exc
+        if not cache:
+            return list(loaded)
+        return [cache[r] if isinstance(r, str) and r in cache else next(loaded) for r in resolved]
+
+    def image_files(self) -> list[str]:
+        """Every image file the records name (resolved paths, each once, in order of first use).
+
+        For caching what the frozen vision tower makes of each image. Records that cannot be
+        read or parsed, and images given as bytes or missing files, are left out: the dataset
+        reports those when it meets them.
+        """
+        seen: dict[str, None] = {}
+        for source, index in zip(self.sources, self._indexes):
+            for local in range(len(index)):
+                try:
+                    images = _image_list(index.record(local).get("image"))
+                except Exception:  # reported as unreadable when the sample is used
+                    continue
+                for image in images:
+                    if isinstance(image, dict):
+                        image = None if image.get("bytes") else image.get("path")
+                    if not isinstance(image, str) or not image:
+                        continue
+                    try:
+                        path = str(source.image_path(image))
+                    except DataError:
+                        continue
+                    if path not in seen and os.path.isfile(path):
+                        seen[path] = None
+        return list(seen)
 
     # --- language check ----------------------------------------------------------------------
     def _check_language(self, source: DataSource, index: RecordIndex, minimum: float) -> None:

@@ -99,6 +99,11 @@ class StageConfig:
     # Image preprocessing of this stage and of its output model: {mode, size, max_tokens}, e.g.
     # {mode: keep-aspect, size: 2048, max_tokens: 576} for documents; None keeps the model's.
     image: dict | None = None
+    # Frozen vision tower: encode each image once before the stage (train.feature_cache):
+    # auto (when the features fit in 2 GiB), true, false.
+    cache_image_features: Any = "auto"
+    # torch's intra-op threads during the stage on a CPU device (train.threads); None: unchanged.
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         self._coerce_numbers()
@@ -134,6 +139,11 @@ class StageConfig:
                     f"stage {self.name}: unknown trainable module {t!r}; "
                     f"choose from {', '.join(TRAINABLE_NAMES)} or {{vision_from_stage: N}}"
                 )
+        self.cache_image_features = _cache_mode(self.cache_image_features, self.name)
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(
+                f"stage {self.name}: cpu_threads must be >= 1 (or null), got {self.cpu_threads!r}"
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"stage {self.name}: optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}"
@@ -254,6 +264,16 @@ _RecipeLoader.add_implicit_resolver(
     re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def _cache_mode(value: Any, stage: str) -> str | bool:
+    """`cache_image_features` as "auto", True or False (YAML bools, or their text from --set)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("auto", "true", "false"):
+        text = value.strip().lower()
+        return "auto" if text == "auto" else text == "true"
+    raise ConfigError(f"stage {stage}: cache_image_features must be auto, true or false, got {value!r}")
 
 
 def _number(value: Any, kind: type, what: str) -> int | float:

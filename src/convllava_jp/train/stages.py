@@ -39,9 +39,11 @@ from .checkpoints import (
     restore_moved_aside,
 )
 from .distributed import barrier, env_world, init_process_group
+from .feature_cache import maybe_cache_features
 from .freezing import apply_trainable
 from .lora import apply_lora, check_lora_supported, merge_lora, quantize_llm_4bit
 from .recipe import Recipe, StageConfig
+from .threads import stage_cpu_threads
 from .trainer import ConvLlavaTrainer, ProgressLog, SkipAccounting, SkipFlush
 
 log = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ def build_trainer(
         world_size,
         _needs_unused_parameter_search(lengths, counts, world_size),
     )
-    return ConvLlavaTrainer(
+    trainer = ConvLlavaTrainer(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -134,6 +136,16 @@ def build_trainer(
         before_publish=before_publish,
         callbacks=[ProgressLog(), SkipFlush(accounting), *callbacks],
     )
+    # After the Trainer has put the model on its device; before any DataLoader worker starts.
+    cache_mode = stage.cache_image_features
+    if cache_mode is not False and (trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled):
+        log.info("stage %s: not caching image features under FSDP / DeepSpeed (sharded weights)", stage.name)
+        cache_mode = False
+    with stage_cpu_threads(stage.cpu_threads, trainer.args.device):
+        trainer.feature_cache = maybe_cache_features(
+            cache_mode, trainer.model, processor, dataset, stage.name, stage.num_workers
+        )
+    return trainer
 
 
 # --- one stage -------------------------------------------------------------------------------
@@ -269,7 +281,8 @@ def run_stage(
     checkpoint = _restore(trainer, stage, resume, rank == 0)
 
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    with stage_cpu_threads(stage.cpu_threads, trainer.args.device):
+        output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.perf_counter() - start
 
     final_model = trainer.model

@@ -24,6 +24,7 @@ from ..errors import ConfigError, DataError
 from ..io import read_json, write_atomic
 from .checkpoints import SKIP_STATE_NAME, BeforePublish, checkpoint_staging, publish_checkpoint
 from .distributed import barrier, is_distributed
+from .feature_cache import FeatureCache
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +161,7 @@ class ConvLlavaTrainer(Trainer):
                 raise ConfigError(f"lr_multipliers: unknown part {part!r} ({', '.join(PART_PREFIXES)})")
         self.skip_accounting = skip_accounting or SkipAccounting(skip_tracker, 1, True)
         self.before_publish = before_publish
+        self.feature_cache: FeatureCache | None = None  # set by `stages.build_trainer`
 
     def _get_train_sampler(self, train_dataset=None):
         # The global batch (all processes, all accumulated micro-batches) is one modality, so each
@@ -180,6 +182,8 @@ class ConvLlavaTrainer(Trainer):
         if inputs["input_ids"].numel() == 0:  # every sample of this batch was a broken record
             zero = sum(p.sum() * 0.0 for p in model.parameters() if p.requires_grad)
             return (zero, None) if return_outputs else zero
+        if self.feature_cache is not None:
+            inputs = self.feature_cache.swap_in(inputs, model)
         if not return_outputs and "labels" in inputs and self.compute_loss_func is None:
             # The loss alone: the LM head runs on the supervised positions only (no logits).
             inputs = {**inputs, "loss_only": True}
