@@ -87,3 +87,16 @@ def test_pretraining_does_not_depend_on_the_global_torch_state(tiny_world, tiny_
         model, _ = load_model_dir(model_dir)
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_scenes_with_a_minimum_of_shapes_for_pretraining():
+    from convllava_jp.demo.scenes import MAX_SHAPES, draw_scenes
+
+    plain = draw_scenes(7, 100, 40, 128)
+    assert [scene for _, scene in draw_scenes(7, 100, 40, 128, min_shapes=1)] == [scene for _, scene in plain]
+    counts = [len(scene["shapes"]) for _, scene in draw_scenes(7, 100, 40, 128, min_shapes=3)]
+    assert min(counts) == 3 and max(counts) == MAX_SHAPES
+    assert min(len(scene["shapes"]) for _, scene in plain) < 3
+    for bad in (0, MAX_SHAPES + 1, 2.5):
+        with pytest.raises(ConfigError, match="min_shapes"):
+            draw_scenes(7, 0, 1, 128, min_shapes=bad)

@@ -124,6 +124,20 @@ def test_same_seed_gives_identical_files_and_other_seed_differs(tmp_path):
     assert a["images/train_000000.png"] != c["images/train_000000.png"]
 
 
+def test_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monkeypatch):
+    from convllava_jp.demo import world as world_module
+
+    monkeypatch.setattr(world_module, "_CHUNK", 7)  # several chunks per split, a short last one
+    kwargs = dict(n_train=30, n_test=17, n_pretrain_text=20, seed=2, progress=False)
+    generate_world(tmp_path / "one", workers=1, **kwargs)
+    generate_world(tmp_path / "three", workers=3, **kwargs)
+    one, three = tree_digest(tmp_path / "one"), tree_digest(tmp_path / "three")
+    assert one == three and len(one) > 30 + 17
+    ids = [r["id"] for r in read_json(tmp_path / "three" / "stage3.json")]
+    assert ids == [f"train_{i:06d}" for i in range(30)]
+    assert [r["id"] for r in read_json(tmp_path / "three" / "test.json")] == [f"test_{i:06d}" for i in range(17)]
+
+
 def test_regenerating_replaces_an_earlier_world_and_refuses_other_directories(tmp_path):
     generate_world(tmp_path / "w", n_train=10, n_test=4, n_pretrain_text=10, progress=False)
     info = generate_world(tmp_path / "w", n_train=6, n_test=2, n_pretrain_text=10, progress=False)

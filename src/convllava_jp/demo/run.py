@@ -54,7 +54,7 @@ def _train(out: Path, world_dir: Path, seed: int, step_scale: float, overrides: 
     init_dir = seeded_init(recipe, seed)
     marker = init_dir / "vision_pretrained.json"
     if vision_steps and not marker.exists():
-        stats = pretrain_vision_on_world(init_dir, world_dir, steps=vision_steps, seed=seed)
+        stats = pretrain_vision_on_world(init_dir, world_dir, steps=vision_steps, seed=seed, min_shapes=3)
         marker.write_text(json.dumps(stats))
     return train_recipe(recipe, "all")
 
@@ -78,7 +78,7 @@ def run_demo(
     step_scale: float = 1.0,
     overrides: list[str] | None = None,
     threads: int | None = None,
-    vision_steps: int = 3000,
+    vision_steps: int = 2200,
 ) -> dict:
     """Run the whole demo; returns (and writes to DIR/demo_results.json) the results dict.
 

@@ -130,20 +130,26 @@ def sample_scene(rng: np.random.Generator, image_size: int, n_shapes: int | None
     return Scene(width, height, background, tuple(shapes))
 
 
-def draw_scenes(seed: int, start: int, n: int, image_size: int = 128) -> list[tuple[Image.Image, dict]]:
+def draw_scenes(
+    seed: int, start: int, n: int, image_size: int = 128, min_shapes: int = 1
+) -> list[tuple[Image.Image, dict]]:
     """`n` more scenes of the world (image, scene dict), numbered from `start`: an endless stream.
 
     Drawn like the training images but from a stream of their own, so they never repeat a
     training or test image; the same (seed, index) always gives the same scene. The demo's
     vision pretraining draws a fresh batch from it every step, so the tower cannot memorise
-    its images.
+    its images. `min_shapes` > 1 draws only scenes with at least that many shapes (more labelled
+    cells per image for that pretraining).
     """
     if not isinstance(n, int) or n < 0 or not isinstance(start, int) or start < 0:
         raise ConfigError(f"start and n must be integers >= 0, got start={start!r}, n={n!r}")
+    if min_shapes not in range(1, MAX_SHAPES + 1):
+        raise ConfigError(f"min_shapes must be in 1..{MAX_SHAPES}, got {min_shapes!r}")
     out = []
     for i in range(start, start + n):
         rng = np.random.default_rng([seed, EXTRA_STREAM, i])
-        scene = sample_scene(rng, image_size)
+        n_shapes = None if min_shapes == 1 else int(rng.integers(min_shapes, MAX_SHAPES + 1))
+        scene = sample_scene(rng, image_size, n_shapes)
         out.append((render(scene, rng), scene.to_dict()))
     return out
 

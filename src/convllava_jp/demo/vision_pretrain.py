@@ -56,13 +56,15 @@ def pretrain_vision_on_world(
     lr: float = 3e-3,
     seed: int = 0,
     eval_images: int = 256,
+    min_shapes: int = 1,
 ) -> dict:
     """Train `model_dir`'s vision tower in place on fresh scenes of the world; returns accuracies.
 
     Every step draws `batch_size` new scenes (`draw_scenes`, a stream apart from the world's
     training and test images), so the tower learns the shapes rather than memorising images.
     The returned "heldout_*" accuracies are measured on `eval_images` further unseen scenes,
-    over the grid cells that hold a shape.
+    over the grid cells that hold a shape. `min_shapes` > 1 trains on scenes with at least that
+    many shapes (more labelled cells per step; the held-out scenes are drawn as the world's).
     """
     from ..model.model_dir import load_model_dir, save_model_dir
 
@@ -87,9 +89,8 @@ def pretrain_vision_on_world(
 
     def batches():
         for step in range(steps):
-            yield tensors(
-                draw_scenes(stream_seed, eval_images + step * batch_size, batch_size, world.image_size)
-            )
+            start = eval_images + step * batch_size
+            yield tensors(draw_scenes(stream_seed, start, batch_size, world.image_size, min_shapes))
 
     loss = _train_tower(model, heads, batches(), steps, lr)
     model.eval()
@@ -116,7 +117,7 @@ def _train_tower(model, heads: tuple[nn.Linear, ...], batches, steps: int, lr: f
     """AdamW with a one-cycle schedule on the tower and the heads; returns the last step's loss."""
     colour_head, shape_head, cell_head = heads
     params = [*model.vision_tower.parameters(), *(p for h in heads for p in h.parameters())]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
     loss_fn = nn.CrossEntropyLoss()

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
+import os
 import shutil
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -64,6 +65,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["WorldInfo", "generate_world", "load_world_info"]
 
 _VERSION = 4
+_CHUNK = 250  # images per job of the drawing processes
 _FILES = MappingProxyType(
     {
         "images": "images",
@@ -102,26 +104,11 @@ def _write_json(path: Path, records: list[dict]) -> None:
     path.write_text(f"[\n{lines}\n]\n", encoding="utf-8")
 
 
-class _PngWriter:
-    """Encodes PNGs on worker threads (PIL releases the GIL while compressing, the slow part)."""
-
-    def __init__(self, workers: int = 2, max_pending: int = 64):
-        self._pool = ThreadPoolExecutor(max_workers=workers)
-        self._pending: deque[Future] = deque()
-        self._max_pending = max_pending
-
-    def save(self, image: Image.Image, path: Path) -> None:
-        if len(self._pending) >= self._max_pending:
-            self._pending.popleft().result()
-        # Low compression: the noise makes PNGs barely compressible and level 1 is ~3x faster.
-        self._pending.append(
-            self._pool.submit(image.save, path, format="PNG", optimize=False, compress_level=1)
-        )
-
-    def close(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()  # re-raises a failed write (disk full, permissions)
-        self._pool.shutdown()
+def _available_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -139,16 +126,21 @@ def _prepare_out_dir(out: Path) -> None:
     (out / "images").mkdir(parents=True, exist_ok=True)
 
 
-def _train_split(
-    out: Path, n: int, seed: int, image_size: int, writer: _PngWriter, bar: tqdm
+def _save_png(image: Image.Image, path: Path) -> None:
+    # Low compression: the noise makes PNGs barely compressible and level 1 is ~3x faster.
+    image.save(path, format="PNG", optimize=False, compress_level=1)
+
+
+def _train_chunk(
+    out: Path, seed: int, image_size: int, start: int, stop: int
 ) -> tuple[list[dict], list[dict]]:
-    """Draw and save the training images; return their stage-1 and stage-3 records."""
+    """Draw and save training images start..stop-1; return their stage-1 and stage-3 records."""
     stage1, stage3 = [], []
-    for i in range(n):
+    for i in range(start, stop):
         rng = np.random.default_rng([seed, TRAIN_STREAM, i])
         scene = sample_scene(rng, image_size)
         name = f"train_{i:06d}"
-        writer.save(render(scene, rng), out / "images" / f"{name}.png")
+        _save_png(render(scene, rng), out / "images" / f"{name}.png")
         scene_dict = scene.to_dict()
         image = f"images/{name}.png"
         describe = ask("describe", scene, rng)
@@ -170,19 +162,18 @@ def _train_split(
                 "scene": scene_dict,
             }
         )
-        bar.update()
     return stage1, stage3
 
 
-def _test_split(out: Path, n: int, seed: int, image_size: int, writer: _PngWriter, bar: tqdm) -> list[dict]:
-    """Draw and save the held-out images (own random stream); one balanced question each."""
+def _test_chunk(out: Path, seed: int, image_size: int, plan: list[tuple[int, str, object]]) -> list[dict]:
+    """Draw and save the held-out images of `plan` ((index, qtype, target) each); one question each."""
     test = []
-    for i, (qtype, target) in enumerate(held_out_plan(seed, n)):
+    for i, qtype, target in plan:
         rng = np.random.default_rng([seed, TEST_STREAM, i])
         scene = sample_scene(rng, image_size, n_shapes=target if qtype == "count" else None)
         scene, qa = held_out_question(scene, qtype, target, rng)
         name = f"test_{i:06d}"
-        writer.save(render(scene, rng), out / "images" / f"{name}.png")
+        _save_png(render(scene, rng), out / "images" / f"{name}.png")
         test.append(
             {
                 "id": name,
@@ -195,8 +186,49 @@ def _test_split(out: Path, n: int, seed: int, image_size: int, writer: _PngWrite
                 "scene": scene.to_dict(),
             }
         )
-        bar.update()
     return test
+
+
+def _image_pool(workers: int) -> Executor:
+    """Processes that draw and save images (forked: they inherit this module, no imports to wait
+    for); threads where fork is not available."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork"))
+    return ThreadPoolExecutor(max_workers=workers)
+
+
+def _draw_images(
+    out: Path, n_train: int, n_test: int, seed: int, image_size: int, bar: tqdm, workers: int
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Both splits' images, drawn and saved in chunks by `workers` processes; returns their records
+    (stage1, stage3, test) in index order. Each image has its own random stream, so the files do
+    not depend on how the work is split."""
+    plan = [(i, q, t) for i, (q, t) in enumerate(held_out_plan(seed, n_test))]
+    jobs = [
+        (_train_chunk, (out, seed, image_size, a, min(a + _CHUNK, n_train)))
+        for a in range(0, n_train, _CHUNK)
+    ]
+    jobs += [(_test_chunk, (out, seed, image_size, plan[a : a + _CHUNK])) for a in range(0, n_test, _CHUNK)]
+    sizes = [min(_CHUNK, n_train - a) for a in range(0, n_train, _CHUNK)]
+    sizes += [min(_CHUNK, n_test - a) for a in range(0, n_test, _CHUNK)]
+    if workers <= 1:
+        results = []
+        for (fn, args), size in zip(jobs, sizes):
+            results.append(fn(*args))
+            bar.update(size)
+    else:
+        with _image_pool(workers) as pool:
+            futures = [pool.submit(fn, *args) for fn, args in jobs]
+            done_sizes = dict(zip(futures, sizes))
+            for future in as_completed(futures):
+                future.result()  # re-raises a failed chunk (disk full, permissions) at once
+                bar.update(done_sizes[future])
+            results = [f.result() for f in futures]
+    n_train_jobs = len(range(0, n_train, _CHUNK))
+    stage1 = [r for part in results[:n_train_jobs] for r in part[0]]
+    stage3 = [r for part in results[:n_train_jobs] for r in part[1]]
+    test = [r for part in results[n_train_jobs:] for r in part]
+    return stage1, stage3, test
 
 
 def _pretrain_texts(n: int, seed: int, image_size: int) -> list[str]:
@@ -261,26 +293,27 @@ def generate_world(
     progress: bool = True,
     n_pretrain_text: int = 4000,
     vocab_size: int = 768,
+    workers: int | None = None,
 ) -> WorldInfo:
     """Write the synthetic world (images, stage1/stage3/test JSON, pretraining text, tokenizer).
 
     `image_size` is the side of the smallest (square) images; others are 1.25x square and 1.5:1 /
     1:1.5. Test images come from their own random stream and never repeat a training image.
     `n_pretrain_text` lines of text-only data (half captions, half chats about a captioned scene);
-    `vocab_size` excludes the 256 byte-fallback tokens. Same arguments -> byte-identical files.
+    `vocab_size` excludes the 256 byte-fallback tokens. `workers` processes draw the images (default:
+    one per available core, at most 4). Same arguments -> byte-identical files, whatever `workers`.
     """
     _check_arguments(n_train, n_test, n_pretrain_text, image_size)
+    if workers is None:
+        workers = min(4, _available_cores())
     out = Path(out_dir)
     _prepare_out_dir(out)
     start = time.perf_counter()
 
     bar = tqdm(total=n_train + n_test, desc="synthetic world", unit="img", disable=not progress)
-    writer = _PngWriter()
     try:
-        stage1, stage3 = _train_split(out, n_train, seed, image_size, writer, bar)
-        test = _test_split(out, n_test, seed, image_size, writer, bar)
+        stage1, stage3, test = _draw_images(out, n_train, n_test, seed, image_size, bar, workers)
     finally:
-        writer.close()
         bar.close()
     pretrain = _pretrain_texts(n_pretrain_text, seed, image_size)
 
