@@ -135,7 +135,9 @@ def test_files_do_not_depend_on_how_many_processes_draw_them(tmp_path, monkeypat
     assert one == three and len(one) > 30 + 17
     ids = [r["id"] for r in read_json(tmp_path / "three" / "stage3.json")]
     assert ids == [f"train_{i:06d}" for i in range(30)]
-    assert [r["id"] for r in read_json(tmp_path / "three" / "test.json")] == [f"test_{i:06d}" for i in range(17)]
+    assert [r["id"] for r in read_json(tmp_path / "three" / "test.json")] == [
+        f"test_{i:06d}" for i in range(17)
+    ]
 
 
 def test_regenerating_replaces_an_earlier_world_and_refuses_other_directories(tmp_path):
