@@ -17,3 +17,7 @@ TEMPLATE_NAMES: tuple[str, ...] = (
     "llama-3",
     "gemma",
 )
+
+# Speaker names of a LLaVA record's turns ("from"; "role" in the OpenAI layout).
+USER_ROLES = ("human", "user")
+ASSISTANT_ROLES = ("gpt", "assistant")

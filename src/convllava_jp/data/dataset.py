@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,8 @@ from torch.utils.data import Dataset
 
 from ..errors import ConfigError, DataError, ImageError, TemplateError
 from .cached_images import CachedImage
-from .constants import IGNORE_INDEX, IMAGE_TOKEN, TEMPLATE_NAMES
+from .constants import ASSISTANT_ROLES, IGNORE_INDEX, IMAGE_TOKEN, TEMPLATE_NAMES, USER_ROLES
+from .language_check import check_language, japanese_fraction
 from .records import DataSource, RecordIndex, open_source
 from .skips import (
     BAD_CONVERSATION,
@@ -54,22 +54,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ConversationDataset", "japanese_fraction"]
 
-_USER_ROLES = ("human", "user")
-_ASSISTANT_ROLES = ("gpt", "assistant")
-_LANGUAGE_SAMPLE = 200
 _MEMO_TOKENS = 32 * 1024 * 1024  # records x max_length at most: 512 MiB of ids and labels
-# Hiragana, katakana (+ phonetic extensions, half-width), CJK ideographs (+ ext. A, compat.), 々.
-_JAPANESE_CHAR = re.compile(
-    r"[\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f\u3005]"
-)
-
-
-def japanese_fraction(text: str) -> float | None:
-    """Share of letters in ``text`` that are hiragana, katakana or CJK ideographs (None: no letters)."""
-    letters = sum(1 for ch in text if ch.isalpha())
-    if not letters:
-        return None
-    return len(_JAPANESE_CHAR.findall(text)) / letters
 
 
 class _Skip(Exception):
@@ -150,7 +135,7 @@ class ConversationDataset(Dataset):
             raise DataError(f"no records in {', '.join(str(s.path) for s in self.sources)}")
         if min_japanese_fraction > 0:
             for source, index in zip(self.sources, self._indexes):
-                self._check_language(source, index, min_japanese_fraction)
+                check_language(source, index, min_japanese_fraction)
 
     # --- size and lengths --------------------------------------------------------------------
     def __len__(self) -> int:
@@ -220,7 +205,7 @@ class ConversationDataset(Dataset):
         n_tags = sum(t["value"].count(IMAGE_TOKEN) for t in turns)
         if images and n_tags == 0:
             # As LLaVA: a record with an image but no tag gets it in front of the first user turn.
-            first_user = next(t for t in turns if t["from"] in _USER_ROLES)
+            first_user = next(t for t in turns if t["from"] in USER_ROLES)
             first_user["value"] = (IMAGE_TOKEN + "\n") * len(images) + first_user["value"]
             n_tags = len(images)
         if n_tags != len(images):
@@ -316,52 +301,6 @@ class ConversationDataset(Dataset):
                         seen[path] = None
         return list(seen)
 
-    # --- language check ----------------------------------------------------------------------
-    def _check_language(self, source: DataSource, index: RecordIndex, minimum: float) -> None:
-        n = len(index)
-        if not n:
-            return
-        picks = np.unique(np.linspace(0, n - 1, min(n, _LANGUAGE_SAMPLE)).astype(np.int64))
-        texts: list[str] = []
-        other_fields: set[str] = set()
-        for j in picks:
-            try:
-                record = index.record(int(j))
-            except Exception:  # an unreadable record is reported when it is used
-                continue
-            if isinstance(record.get("text"), str) and "conversations" not in record:
-                texts.append(record["text"])
-                continue
-            turns = record.get("conversations") or []
-            for turn in turns:
-                if not isinstance(turn, dict):
-                    continue
-                if turn.get("from", turn.get("role")) in _ASSISTANT_ROLES:
-                    text = turn.get(source.text_field)
-                    if isinstance(text, str):
-                        texts.append(text)
-                other_fields.update(
-                    k
-                    for k, v in turn.items()
-                    if isinstance(v, str) and k not in ("from", "role", source.text_field)
-                )
-        fraction = japanese_fraction("".join(texts))
-        if fraction is not None and fraction < minimum:
-            hint = (
-                f" Other text fields in its turns: {', '.join(sorted(other_fields))}." if other_fields else ""
-            )
-            logger.warning(
-                "%s: only %.0f%% of the letters in the assistant replies (text_field=%r, %d records "
-                "sampled) are Japanese, below min_japanese_fraction=%.2f. If this set keeps its "
-                "Japanese text under another key, set text_field.%s",
-                index.name,
-                100 * fraction,
-                source.text_field,
-                len(picks),
-                minimum,
-                hint,
-            )
-
 
 def _max_image_tokens(processor: ConvLlavaProcessor) -> int:
     """Image tokens per image for the length estimate: the most the image processor makes."""
@@ -389,14 +328,14 @@ def _turns(conversations: Any, text_field: str) -> list[dict]:
     if not body:
         raise _Skip(EMPTY_CONVERSATION, "only a system turn")
     for k, role in enumerate(body):
-        expected = _USER_ROLES if k % 2 == 0 else _ASSISTANT_ROLES
+        expected = USER_ROLES if k % 2 == 0 else ASSISTANT_ROLES
         if role not in expected:
             position = k + (len(roles) - len(body))
             raise _Skip(
                 WRONG_ROLE,
                 f"turn {position} is from {role!r}; expected {expected[0]!r} (turns alternate human/gpt)",
             )
-    replies = [t["value"] for t in turns if t["from"] in _ASSISTANT_ROLES]
+    replies = [t["value"] for t in turns if t["from"] in ASSISTANT_ROLES]
     if not replies:
         raise _Skip(NO_LABELS, "no assistant reply to learn from")
     if not any(reply.strip() for reply in replies):
