@@ -65,12 +65,14 @@ def test_no_cache_when_the_tower_trains(tiny_world, tiny_model_dir, tmp_path, ca
     assert "images cached" not in caplog.text
 
 
-def test_cache_refused_when_the_tower_is_random_in_training(tiny_model_dir):
+def test_cache_refused_when_the_tower_computes_differently_in_training(tiny_model_dir):
     model, _ = load_model_dir(tiny_model_dir, dtype=torch.float32)
     apply_trainable(model, ["llm"])
     assert cache_refusal(model) is None
     model.vision_tower.encoder.stages[-1].layers[0].drop_path = torch.nn.Dropout(0.1)
-    assert "random in train mode" in cache_refusal(model)
+    assert "differently in train mode" in cache_refusal(model)
+    model.vision_tower.encoder.stages[-1].layers[0].drop_path = torch.nn.BatchNorm2d(8).requires_grad_(False)
+    assert "differently in train mode" in cache_refusal(model)
 
 
 def test_auto_mode_leaves_large_caches_out(tiny_world, tiny_model_dir, monkeypatch, caplog):

@@ -6,7 +6,8 @@ of the stage's data once before training; the dataset then hands out `CachedImag
 instead of pixel tensors (no file is opened), and `FeatureCache.swap_in` puts the cached features
 into the batch, where only the projector (and the LLM) run on them. The stage computes what it
 would without the cache, up to float rounding: the features are the tower's own output (taken in
-eval mode, so nothing in the tower may be random in train mode, else the cache is not used).
+eval mode, so nothing in the tower may compute differently in train mode, else the cache is not
+used).
 
 `cache_image_features` in a recipe stage: `auto` (default) caches when the tower is frozen and the
 features take at most `AUTO_LIMIT_BYTES`; `true` whenever the tower is frozen; `false` never.
@@ -101,7 +102,7 @@ def cache_refusal(model: nn.Module) -> str | None:
     if any(p.requires_grad for p in tower.parameters()):
         return "the vision tower trains in this stage"
     if _random_in_training(tower):
-        return "the vision tower is random in train mode (dropout / stochastic depth)"
+        return "the vision tower computes differently in train mode (dropout, stochastic depth or batch norm)"
     return None
 
 
