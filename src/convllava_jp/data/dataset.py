@@ -114,7 +114,8 @@ class ConversationDataset(Dataset):
         self.template = template
         self.max_length = max_length
         self.image_token_id = processor.image_token_id
-        self._tokens_per_image = _max_image_tokens(processor)
+        # Image tokens one image takes at most (the length estimate; the feature cache's size).
+        self.tokens_per_image = _max_image_tokens(processor)
         # Image file -> its cached vision features (`train.feature_cache`); None: load every image.
         self.image_cache: dict[str, CachedImage] | None = None
         # Samples whose images are all cached are pure functions of their record: encoded once
@@ -133,6 +134,7 @@ class ConversationDataset(Dataset):
         self._ends = np.cumsum(sizes, dtype=np.int64)
         if not len(self):
             raise DataError(f"no records in {', '.join(str(s.path) for s in self.sources)}")
+        self._memo_fits = sum(len(ix) for ix in self._indexes) * max_length <= _MEMO_TOKENS
         if min_japanese_fraction > 0:
             for source, index in zip(self.sources, self._indexes):
                 check_language(source, index, min_japanese_fraction)
@@ -152,7 +154,7 @@ class ConversationDataset(Dataset):
         parts = []
         for source, index in zip(self.sources, self._indexes):
             text = index.text_chars.astype(np.int64)
-            magnitude = np.maximum(text + index.image_counts.astype(np.int64) * self._tokens_per_image, 1)
+            magnitude = np.maximum(text + index.image_counts.astype(np.int64) * self.tokens_per_image, 1)
             signed = np.where(index.image_counts > 0, magnitude, -magnitude)
             parts.append(np.tile(signed, source.repeat))
         return np.concatenate(parts).tolist()
@@ -189,9 +191,9 @@ class ConversationDataset(Dataset):
 
     def _remember(self, key: tuple[int, int], sample: dict[str, Any]) -> None:
         images = sample["pixel_values"]
-        if self.image_cache is None or not images or not all(isinstance(p, CachedImage) for p in images):
+        if not self._memo_fits or self.image_cache is None or not images:
             return
-        if sum(len(ix) for ix in self._indexes) * self.max_length > _MEMO_TOKENS:
+        if not all(isinstance(p, CachedImage) for p in images):
             return
         ids, labels = sample["input_ids"], sample["labels"]
         self._memo[key] = (np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), list(images))
@@ -261,18 +263,13 @@ class ConversationDataset(Dataset):
                 resolved.append(image)  # e.g. a PIL image from a custom dataset
             else:
                 raise _Skip(MISSING_IMAGE, f"empty image entry {image!r}")
-        cache = self.image_cache
-        if cache:
-            to_load = [r for r in resolved if not (isinstance(r, str) and r in cache)]
-        else:
-            to_load = resolved
+        cache = self.image_cache or {}
+        cached = [isinstance(r, str) and r in cache for r in resolved]
         try:
-            loaded = iter(self.processor.preprocess_images(to_load))
+            loaded = iter(self.processor.preprocess_images([r for r, c in zip(resolved, cached) if not c]))
         except ImageError as exc:
             raise _Skip(BAD_IMAGE, str(exc)) from exc
-        if not cache:
-            return list(loaded)
-        return [cache[r] if isinstance(r, str) and r in cache else next(loaded) for r in resolved]
+        return [cache[r] if c else next(loaded) for r, c in zip(resolved, cached)]
 
     def image_files(self) -> list[str]:
         """Every image file the records name (resolved paths, each once, in order of first use).

@@ -106,16 +106,11 @@ def cache_refusal(model: nn.Module) -> str | None:
     return None
 
 
-def estimated_bytes(model: nn.Module, processor, n_images: int) -> int:
-    """Bytes the features of `n_images` images take at most (each at the processor's largest size)."""
+def estimated_bytes(model: nn.Module, n_images: int, tokens_per_image: int) -> int:
+    """Bytes the features of `n_images` images take at most (`tokens_per_image` tokens each)."""
     inner = _unwrap(model)
-    image_processor = processor.image_processor
-    size = image_processor.image_size
-    side = max(size) if isinstance(size, (list, tuple)) else size
-    tokens = int(image_processor.num_image_tokens(side, side))
-    width = int(inner.config.vision_hidden_size)
     element = next(inner.vision_tower.parameters()).element_size()
-    return n_images * tokens * width * element
+    return n_images * tokens_per_image * int(inner.config.vision_hidden_size) * element
 
 
 class _ImageFiles(Dataset):
@@ -143,7 +138,7 @@ def build_feature_cache(
     `num_workers` DataLoader workers load and preprocess the images while the tower encodes.
     """
     inner = _unwrap(model)
-    device = _tower_device(model)
+    device = next(inner.vision_tower.parameters()).device
     was_training = inner.vision_tower.training
     inner.vision_tower.eval()
     features: list[torch.Tensor] = []
@@ -192,7 +187,7 @@ def maybe_cache_features(
     files = dataset.image_files()
     if not files:
         return None
-    estimate = estimated_bytes(model, processor, len(files))
+    estimate = estimated_bytes(model, len(files), dataset.tokens_per_image)
     if mode == "auto" and estimate > AUTO_LIMIT_BYTES:
         log.info(
             "stage %s: not caching image features: %d images would take up to %.1f GiB (auto limit "
