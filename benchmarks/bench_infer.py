@@ -310,6 +310,7 @@ def bench_server(
     device: str,
     threads: int | None,
     probe: StepProbe,
+    extra_args: list[str] = (),
 ) -> tuple[list[ServerRow], float]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -327,6 +328,7 @@ def bench_server(
     ]
     if threads:
         args += ["--num-threads", str(threads)]
+    args += list(extra_args)
     log_file = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)
     proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
@@ -379,7 +381,15 @@ def bench_server(
                     (around[clients] + later[clients]) / 2,
                 )
             )
-            log.info("server %d clients: %.1f s, %.1f tok/s", clients, seconds, tokens / seconds)
+            log.info(
+                "server %d clients: %.1f s, %.1f tok/s, mean batch %.1f, %d prefills (%d joined a running batch)",
+                clients,
+                seconds,
+                tokens / seconds,
+                mean_batch,
+                after["prefills"] - before["prefills"],
+                after["joined_running"] - before["joined_running"],
+            )
         server_rss = _peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
@@ -569,6 +579,13 @@ def main(argv: list[str] | None = None) -> int:
         "--batch-sizes", default="1,2,4,8,16", help="predict batch sizes (default: %(default)s)"
     )
     parser.add_argument("--clients", help="server concurrency levels (default: 1,4,8,16, quick: 1,8,16)")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="an argument passed on to `convllava-jp serve` (repeatable), e.g. --server-arg=--batch-wait-ms=20",
+    )
     parser.add_argument("--skip-server", action="store_true", help="only latency and predict")
     parser.add_argument(
         "--quick", action="store_true", help="only the ceiling and the server at 1, 8, 16 clients"
@@ -625,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.device,
                 args.threads,
                 probe,
+                args.server_arg,
             )
         steps_after = bench_decode_steps(probe, [1, 4, 8, 16])
     args.load_after = os.getloadavg()[0]

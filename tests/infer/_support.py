@@ -1,19 +1,23 @@
-"""Helpers of the inference tests: the tiny model, image payloads, server subprocesses."""
+"""Helpers of the inference tests: the tiny model, image payloads, server subprocesses, a model hook."""
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import httpx
 import torch
 from PIL import Image
+
+from convllava_jp.infer.generation import GenerationRequest
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 API_KEY = "test-key"
@@ -133,3 +137,36 @@ class RunningServer:
                 self.proc.kill()
                 self.proc.wait(timeout=15)
         self._log.close()
+
+
+class HookedModel:
+    """Delegates to the model; `hook(kwargs)` runs before each call (it may block or raise)."""
+
+    def __init__(self, model, hook):
+        self._model = model
+        self._hook = hook
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def __call__(self, **kwargs):
+        self._hook(kwargs)
+        return self._model(**kwargs)
+
+
+def hooked(pipeline, hook):
+    pipe = copy.copy(pipeline)
+    pipe.model = HookedModel(pipeline.model, hook)
+    pipe.lock = threading.Lock()
+    return pipe
+
+
+def encode(pipeline, images, questions):
+    return [
+        pipeline.encode(GenerationRequest(pipeline.question_messages(q, 1), [images[i % len(images)]]))
+        for i, q in enumerate(questions)
+    ]
+
+
+def is_prefill(kwargs) -> bool:
+    return kwargs.get("cache") is None

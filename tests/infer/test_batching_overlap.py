@@ -7,48 +7,16 @@ between two steps, those steps never come. Answers stay exactly the solo greedy 
 
 from __future__ import annotations
 
-import copy
 import threading
 
 import torch
 
 from convllava_jp.infer.batching import ContinuousBatcher, EngineClosedError, RequestFailedError, StreamEvent
-from convllava_jp.infer.generation import GenerationConfig, GenerationRequest
+from convllava_jp.infer.generation import GenerationConfig
+
+from ._support import encode, hooked, is_prefill
 
 WAIT_S = 10  # how long a held prefill waits for steps before giving up (the failure case only)
-
-
-class HookedModel:
-    """Delegates to the model; `hook(kwargs)` runs before each call (it may block or raise)."""
-
-    def __init__(self, model, hook):
-        self._model = model
-        self._hook = hook
-
-    def __getattr__(self, name):
-        return getattr(self._model, name)
-
-    def __call__(self, **kwargs):
-        self._hook(kwargs)
-        return self._model(**kwargs)
-
-
-def hooked(pipeline, hook):
-    pipe = copy.copy(pipeline)
-    pipe.model = HookedModel(pipeline.model, hook)
-    pipe.lock = threading.Lock()
-    return pipe
-
-
-def encode(pipeline, images, questions):
-    return [
-        pipeline.encode(GenerationRequest(pipeline.question_messages(q, 1), [images[i % len(images)]]))
-        for i, q in enumerate(questions)
-    ]
-
-
-def is_prefill(kwargs) -> bool:
-    return kwargs.get("cache") is None
 
 
 class Finals:

@@ -183,3 +183,12 @@ def test_a_body_that_never_finishes_arriving_gets_408(pipeline):
     with pytest.raises(APIError) as caught:
         asyncio.run(handler.read(Trickle(), deadline=time.monotonic() + 0.05))
     assert caught.value.status == 408
+
+
+def test_the_batcher_sees_the_requests_being_prepared(pipeline):
+    """What lets an idle batcher wait for a burst's stragglers (test_batching_gather.py)."""
+    client, batcher = app_for(pipeline)
+    handler = client.app.state.handler
+    assert batcher.incoming() == 0
+    handler.preparing = 3
+    assert batcher.incoming() == 3

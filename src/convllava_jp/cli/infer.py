@@ -110,6 +110,13 @@ def _add_server_args(p: argparse.ArgumentParser, port: int) -> None:
         help="when idle, wait this long for more requests to batch (default: %(default)s)",
     )
     g.add_argument(
+        "--max-batch-wait-ms",
+        type=float,
+        default=250.0,
+        help="when idle and more requests are still being read or prepared, wait for them up to "
+        "this long, so a burst of clients starts as one batch (default: %(default)s)",
+    )
+    g.add_argument(
         "--max-prefill-batch",
         type=int,
         default=8,
@@ -156,6 +163,7 @@ def _load_batcher(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         batch_wait_s=args.batch_wait_ms / 1000,
+        max_batch_wait_s=max(getattr(args, "max_batch_wait_ms", 250.0), args.batch_wait_ms) / 1000,
         max_prefill_batch=getattr(args, "max_prefill_batch", 8),
         overlap_prefill=getattr(args, "overlap_prefill", True),
     )

@@ -29,13 +29,14 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..errors import ConfigError
 from ..model.processing import EncodedConversation
+from .compute_threads import one_intra_op_thread
 from .decoding import IncrementalDecoder
 from .generation import GenerationConfig, GenerationRequest, GenerationResult, VLMPipeline
 from .prefill import Prefilled, Prefiller
@@ -74,6 +75,9 @@ class ContinuousBatcher:
         max_batch_size: most requests decoded together.
         max_queue: most requests waiting for a slot; beyond it `submit` raises QueueFullError.
         batch_wait_s: when idle, how long the first request waits for others to join its batch.
+        max_batch_wait_s: when idle and `incoming()` says more requests are on their way (being
+            read or prepared by the server), the first one waits for them up to this long: a burst
+            of clients then starts as one batch instead of a few small ones joined later.
         max_prefill_batch: most requests prefilled in one model call (vision tower included).
         overlap_prefill: prefill joining requests in a worker thread while at least twice as many
             running rows decode (False: the engine thread prefills between two steps, stalling them).
@@ -87,19 +91,31 @@ class ContinuousBatcher:
         batch_wait_s: float = 0.005,
         max_prefill_batch: int = 8,
         overlap_prefill: bool = True,
+        max_batch_wait_s: float = 0.25,
     ):
-        if max_batch_size < 1 or max_queue < 0 or batch_wait_s < 0 or max_prefill_batch < 1:
+        if (
+            max_batch_size < 1
+            or max_queue < 0
+            or batch_wait_s < 0
+            or max_prefill_batch < 1
+            or max_batch_wait_s < batch_wait_s
+        ):
             raise ConfigError(
-                f"max_batch_size and max_prefill_batch must be >= 1, max_queue >= 0 and batch_wait_s "
-                f">= 0, got {max_batch_size}, {max_prefill_batch}, {max_queue}, {batch_wait_s}"
+                f"max_batch_size and max_prefill_batch must be >= 1, max_queue >= 0 and 0 <= "
+                f"batch_wait_s <= max_batch_wait_s, got {max_batch_size}, {max_prefill_batch}, "
+                f"{max_queue}, {batch_wait_s}, {max_batch_wait_s}"
             )
         self.pipeline = pipeline
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.batch_wait_s = batch_wait_s
+        self.max_batch_wait_s = max_batch_wait_s
+        # How many requests are on their way to `submit` (set by the server: read or being prepared).
+        self.incoming: Callable[[], int] = lambda: 0
         self.max_prefill_batch = max_prefill_batch
         self.overlap_prefill = overlap_prefill
         self.stats = BatcherStats()
+        self.threads = torch.get_num_threads()  # the engine computes with these (compute_threads.py)
         self._pending: deque[Ticket] = deque()
         self._prefilling: list[Ticket] = []  # taken from the queue, their prefill not merged yet
         self._cond = threading.Condition()
@@ -253,7 +269,11 @@ class ContinuousBatcher:
     # --- engine ------------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("batcher started (max batch %d, queue %d)", self.max_batch_size, self.max_queue)
-        workers = ThreadPoolExecutor(1, "batcher-prefill") if self.overlap_prefill else None
+        if torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        workers = None
+        if self.overlap_prefill:  # on one intra-op thread: a second OpenMP team slows every step
+            workers = ThreadPoolExecutor(1, "batcher-prefill", initializer=one_intra_op_thread)
         inflight: Future | None = None  # the worker's prefill, merged between two steps once done
         while True:
             try:
@@ -336,14 +356,8 @@ class ContinuousBatcher:
                     self._purge_locked()
                 if self._closed:
                     return None
-                if self.batch_wait_s and len(self._pending) < self.max_batch_size:
-                    # Idle engine: let concurrent requests arrive so they start as one batch.
-                    deadline = time.monotonic() + self.batch_wait_s
-                    while len(self._pending) < self.max_batch_size and not self._closed:
-                        left = deadline - time.monotonic()
-                        if left <= 0:
-                            break
-                        self._cond.wait(timeout=left)
+                if self.batch_wait_s:
+                    self._gather_locked()
             elif self._closed:
                 return None
             if self._prefilling:
@@ -353,6 +367,21 @@ class ContinuousBatcher:
             taken = [self._pending.popleft() for _ in range(min(free, len(self._pending)))]
             self._prefilling = list(taken)
             return taken
+
+    def _gather_locked(self) -> None:
+        """Idle engine, a request waiting: let concurrent ones arrive so they start as one batch.
+
+        Waits `batch_wait_s` after the first, and as long as more are on their way (`incoming()`)
+        up to `max_batch_wait_s`; never past a full batch. Holding `_cond`.
+        """
+        start = time.monotonic()
+        while len(self._pending) < self.max_batch_size and not self._closed:
+            expected = self.incoming() > 0
+            left = start + (self.max_batch_wait_s if expected else self.batch_wait_s) - time.monotonic()
+            if left <= 0:
+                break
+            # A request that fails its preparation never notifies: look again every few ms.
+            self._cond.wait(timeout=min(left, 0.005) if expected else left)
 
     def _new_row(self, ticket: Ticket) -> Row:
         cfg = ticket.config

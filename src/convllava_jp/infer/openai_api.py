@@ -31,6 +31,7 @@ from ..data.images import load_image
 from ..errors import ConfigError, ImageError, TemplateError
 from ..model.templates import content_text
 from .batching import ContinuousBatcher, EngineClosedError, QueueFullError, StreamEvent, Ticket
+from .compute_threads import one_intra_op_thread
 from .generation import GenerationConfig, GenerationRequest
 from .openai_protocol import (
     APIError,
@@ -71,6 +72,7 @@ class RequestHandler:
         self.config = config
         self.pipeline = batcher.pipeline
         self.preparing = 0  # admitted requests not yet queued on the batcher (event loop only)
+        batcher.incoming = lambda: self.preparing  # an idle batcher waits for them to batch together
         self._prepare_slots: asyncio.Semaphore | None = None
         vocab = self.pipeline.tokenizer.get_vocab()
         # No token stands for more characters than its longest spelling (x2 for normalisation that
@@ -291,6 +293,7 @@ class RequestHandler:
 
     def prepare(self, raw: bytes) -> tuple[ChatCompletionRequest, Any, GenerationConfig]:
         """Body bytes -> (request, encoded conversation, generation config); runs in a thread."""
+        one_intra_op_thread()  # the engine's thread computes in parallel; this one only prepares
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as err:

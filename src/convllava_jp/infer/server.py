@@ -32,6 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import ConfigError
 from .batching import ContinuousBatcher, EngineClosedError, Ticket
+from .compute_threads import call_in_passing_thread
 from .openai_api import APIError, Events, RequestHandler, ServerConfig, sse, usage
 
 log = logging.getLogger(__name__)
@@ -370,4 +371,5 @@ def serve_model(
         if not allow.is_dir():
             raise ConfigError(f"--allow-local-files {allow}: not a directory")
         config.allow_local_files = allow.resolve()
-    serve(load_batcher(), config, host, port)
+    # Loaded in a thread that ends: its OpenMP workers must not linger beside the engine's.
+    serve(call_in_passing_thread(load_batcher), config, host, port)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 from ..errors import ConvLlavaError
 from .batching import ContinuousBatcher
+from .compute_threads import call_in_passing_thread, one_intra_op_thread
 from .generation import GenerationConfig, GenerationRequest, VLMPipeline
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,7 @@ def build_webui(
         if not question:
             yield history, ""
             return
+        one_intra_op_thread()  # gradio's thread encodes the image; only the engine's computes in parallel
         images = [image] if image else []
         messages = VLMPipeline.question_messages(question, len(images), history_pairs(history))
         config = GenerationConfig(max_new_tokens=int(max_new_tokens), temperature=float(temperature))
@@ -175,4 +177,4 @@ def serve_webui(load_batcher: Callable[[], ContinuousBatcher], host: str, port: 
 
     require_gradio()
     bind_socket(host, port).close()
-    launch_webui(load_batcher(), host=host, port=port, **options)
+    launch_webui(call_in_passing_thread(load_batcher), host=host, port=port, **options)
