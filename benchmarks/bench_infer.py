@@ -311,6 +311,7 @@ def bench_server(
     threads: int | None,
     probe: StepProbe,
     extra_args: list[str] = (),
+    dtype: str | None = None,
 ) -> tuple[list[ServerRow], float]:
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
@@ -328,6 +329,8 @@ def bench_server(
     ]
     if threads:
         args += ["--num-threads", str(threads)]
+    if dtype:  # the server runs what the ceiling is measured on
+        args += ["--dtype", dtype]
     args += list(extra_args)
     log_file = tempfile.NamedTemporaryFile("w+b", suffix=".log", delete=False)
     proc = subprocess.Popen(args, env=env, stdout=log_file, stderr=subprocess.STDOUT)
@@ -643,6 +646,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.threads,
                 probe,
                 args.server_arg,
+                args.dtype,
             )
         steps_after = bench_decode_steps(probe, [1, 4, 8, 16])
     args.load_after = os.getloadavg()[0]
