@@ -78,3 +78,22 @@ def test_a_passing_thread_hands_back_the_value_or_the_error():
     assert call_in_passing_thread(lambda: threading.current_thread().name) == "loader"
     with pytest.raises(ValueError, match="bad model dir"):
         call_in_passing_thread(lambda: (_ for _ in ()).throw(ValueError("bad model dir")))
+
+
+def test_a_stream_prepares_and_generates_in_its_thread_with_the_callers_count(pipeline, images, two_threads):
+    """The caller's thread runs no parallel op (its OpenMP team would slow the generating one)."""
+    import copy
+
+    from convllava_jp.infer.generation import GenerationRequest
+
+    seen = []
+    pipe = copy.copy(pipeline)
+    encode = pipe.encode
+    pipe.encode = lambda request: (
+        seen.append((threading.current_thread().name, torch.get_num_threads())) or encode(request)
+    )
+    in_thread(one_intra_op_thread)  # the global count is 1 now; the caller's own is 2
+    request = GenerationRequest(pipeline.question_messages("何色ですか？", 1), [images[0]])
+    pieces = list(pipe.stream(request, GenerationConfig(max_new_tokens=3)))
+    assert pieces
+    assert seen == [("vlm-stream", 2)]

@@ -357,14 +357,15 @@ class VLMPipeline:
     def stream(self, request: GenerationRequest, config: GenerationConfig | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; they concatenate to `generate`'s text.
 
-        Generation runs in a background thread; leaving the loop early stops it after one step.
+        Generation runs in a background thread, the image's preprocessing included, with the
+        caller's torch thread count: the caller's thread then runs no parallel op, and holds no
+        OpenMP team beside the generating one (compute_threads.py). Leaving the loop early stops
+        it after one step.
         """
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         config = (config or GenerationConfig()).validate()
-        encoded = self.encode(request)
-        self.check_fits(encoded, config)
-        inputs = self.batch_inputs([encoded])
+        threads = torch.get_num_threads()
         tokens: queue.Queue = queue.Queue()
         cancel = threading.Event()
         errors: list[BaseException] = []
@@ -378,6 +379,11 @@ class VLMPipeline:
         def work() -> None:
             streamer = _TokenQueueStreamer(tokens)
             try:
+                if torch.get_num_threads() != threads:
+                    torch.set_num_threads(threads)
+                encoded = self.encode(request)
+                self.check_fits(encoded, config)
+                inputs = self.batch_inputs([encoded])
                 with torch.inference_mode(), self.lock:
                     if config.seed is not None:
                         torch.manual_seed(config.seed)
