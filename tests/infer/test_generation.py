@@ -9,12 +9,8 @@ import pytest
 
 from convllava_jp.errors import ConfigError, ImageError
 from convllava_jp.infer.batching import ContinuousBatcher, QueueFullError, StreamEvent
-from convllava_jp.infer.generation import (
-    GenerationConfig,
-    GenerationRequest,
-    IncrementalDecoder,
-    VLMPipeline,
-)
+from convllava_jp.infer.decoding import IncrementalDecoder
+from convllava_jp.infer.generation import GenerationConfig, GenerationRequest, VLMPipeline
 
 QUESTIONS = ["画像を説明してください。", "何色ですか？", "左上には何がありますか？", "円はいくつありますか？"]
 

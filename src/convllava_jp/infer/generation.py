@@ -2,13 +2,12 @@
 
 `VLMPipeline.generate` takes many requests and runs them in batches through transformers'
 `generate`; `chat` is the one-image, one-question convenience; `stream` yields text pieces as they
-are decoded (through `decoding.IncrementalDecoder`, as the server's batcher does).
+are decoded (`streaming.py`, through `decoding.IncrementalDecoder` as the server's batcher does).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ from ..data.constants import IMAGE_TOKEN
 from ..errors import ConfigError
 from ..model.processing import EncodedConversation
 from ..model.templates import split_content_parts
-from .decoding import IncrementalDecoder, byte_fallback_ids, cut_at_stop
+from .decoding import byte_fallback_ids, cut_at_stop
 
 log = logging.getLogger(__name__)
 
@@ -123,24 +122,6 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
-
-
-class _TokenQueueStreamer:
-    """A transformers streamer that hands generated ids (not the prompt) to a queue; None ends."""
-
-    def __init__(self, out: queue.Queue):
-        self.out = out
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for token in value.reshape(-1).tolist():
-            self.out.put(token)
-
-    def end(self) -> None:
-        self.out.put(None)
 
 
 class VLMPipeline:
@@ -362,59 +343,6 @@ class VLMPipeline:
         OpenMP team beside the generating one (compute_threads.py). Leaving the loop early stops
         it after one step.
         """
-        from transformers import StoppingCriteria, StoppingCriteriaList
+        from .streaming import stream_pieces
 
-        config = (config or GenerationConfig()).validate()
-        threads = torch.get_num_threads()
-        tokens: queue.Queue = queue.Queue()
-        cancel = threading.Event()
-        errors: list[BaseException] = []
-
-        class _Cancelled(StoppingCriteria):
-            def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-                return torch.full(
-                    (input_ids.shape[0],), cancel.is_set(), dtype=torch.bool, device=input_ids.device
-                )
-
-        def work() -> None:
-            streamer = _TokenQueueStreamer(tokens)
-            try:
-                if torch.get_num_threads() != threads:
-                    torch.set_num_threads(threads)
-                encoded = self.encode(request)
-                self.check_fits(encoded, config)
-                inputs = self.batch_inputs([encoded])
-                with torch.inference_mode(), self.lock:
-                    if config.seed is not None:
-                        torch.manual_seed(config.seed)
-                    self.model.generate(
-                        **inputs,
-                        **self._hf_kwargs(config),
-                        streamer=streamer,
-                        stopping_criteria=StoppingCriteriaList([_Cancelled()]),
-                    )
-            except BaseException as err:  # surfaced to the consumer below
-                errors.append(err)
-                tokens.put(None)
-
-        thread = threading.Thread(target=work, name="vlm-stream", daemon=True)
-        thread.start()
-        decoder = IncrementalDecoder(self.tokenizer, config.stop, self.byte_ids)
-        stops = set(self.stop_token_ids)
-        try:
-            while (token := tokens.get()) is not None:
-                if token in stops:
-                    break
-                piece = decoder.add(token)
-                if piece:
-                    yield piece
-                if decoder.stopped:
-                    break
-            piece = decoder.finish()
-            if piece:
-                yield piece
-        finally:
-            cancel.set()
-            thread.join()
-        if errors:
-            raise errors[0]
+        return stream_pieces(self, request, (config or GenerationConfig()).validate())
