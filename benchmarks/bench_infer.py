@@ -29,7 +29,6 @@ import io
 import logging
 import os
 import platform
-import resource
 import socket
 import statistics
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import httpx
 import torch
+from _rss import peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -261,17 +261,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _peak_rss_mb(pid: int) -> float:
-    """VmHWM (peak resident set) of a process, in MiB (Linux)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
 def _run_clients(url: str, clients: int, bodies: list[dict]) -> tuple[list[float], int]:
     """`clients` threads post the bodies (each taken once); returns (latencies, completion tokens)."""
     latencies: list[float] = []
@@ -393,7 +382,7 @@ def bench_server(
                 after["prefills"] - before["prefills"],
                 after["joined_running"] - before["joined_running"],
             )
-        server_rss = _peak_rss_mb(proc.pid)
+        server_rss = peak_rss_mb(proc.pid)
     finally:
         proc.terminate()
         try:
@@ -631,7 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.requests,
                 args.new_tokens,
             )
-        bench_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        bench_rss = peak_rss_mb()
         probe = StepProbe(pipeline, [1, 4, 8, 16])
         steps = bench_decode_steps(probe, [1, 4, 8, 16])
         server, server_rss = [], float("nan")

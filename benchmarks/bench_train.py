@@ -26,7 +26,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import time
 from pathlib import Path
 
 import torch
+from _rss import peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
@@ -76,8 +76,8 @@ def prepare(work: Path, preset: str, n_images: int) -> tuple[Path, Path]:
 
 
 def _rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak resident set size of this process so far, MiB (VmHWM: not the parent's, see _rss.py)."""
+    return peak_rss_mb()
 
 
 def _current_rss_mb() -> float:

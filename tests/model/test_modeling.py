@@ -331,3 +331,24 @@ def test_gradient_checkpointing_kwargs_reach_every_checkpoint(model, monkeypatch
     assert kinds.count("ConvNextStage") == len(model.vision_tower.encoder.stages)
     assert len(kinds) - kinds.count("ConvNextStage") == model.config.text_config.n_layer  # one per LLM block
     assert all(kwargs == {"use_reentrant": False, "preserve_rng_state": False} for _, kwargs in calls)
+
+
+def test_cpu_inference_encodes_big_batches_in_chunks(model, monkeypatch):
+    """Without gradients the tower takes at most CPU_TOWER_PIXELS per call; the same features."""
+    import convllava_jp.model.modeling as modeling
+
+    model.eval()
+    torch.manual_seed(0)
+    size = 64
+    pixels = torch.randn(5, 3, size, size)
+    whole = model.encode_images(pixels)  # gradients on: one call, as training runs it
+    calls = []
+    hook = model.vision_tower.embeddings.register_forward_hook(lambda m, i, o: calls.append(len(i[0])))
+    monkeypatch.setattr(modeling, "CPU_TOWER_PIXELS", 2 * size * size)
+    try:
+        with torch.no_grad():
+            chunked = model.encode_images(pixels)
+    finally:
+        hook.remove()
+    assert calls == [2, 2, 1]
+    torch.testing.assert_close(chunked, whole.detach(), atol=1e-5, rtol=1e-4)

@@ -39,6 +39,9 @@ def build_projector(projector_type: str, vision_hidden_size: int, text_hidden_si
     return nn.Sequential(*layers)
 
 
+CPU_TOWER_PIXELS = 2**19  # per tower call when encoding without gradients on a CPU (encode_images)
+
+
 class ConvLlavaPreTrainedModel(PreTrainedModel):
     config: ConvLlavaConfig
     config_class = ConvLlavaConfig
@@ -134,7 +137,20 @@ class ConvLlavaForConditionalGeneration(ConvLlavaPreTrainedModel, GenerationMixi
 
     # --- vision ------------------------------------------------------------------------------
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> stage-5 feature map flattened row-major: (B, H/s * W/s, C)."""
+        """(B, 3, H, W) -> stage-5 feature map flattened row-major: (B, H/s * W/s, C).
+
+        Without gradients on a CPU the batch runs in chunks of at most `CPU_TOWER_PIXELS` pixels
+        (3 images at 384 px, 32 at 128, 1 at 768): per image the ConvNeXt tower is no faster in a
+        bigger batch there, often slower (its activations leave the caches), and its peak memory
+        grows with the batch (docs/benchmarks.md).
+        """
+        n, _, h, w = pixel_values.shape
+        chunk = max(1, CPU_TOWER_PIXELS // (h * w))
+        if n > chunk and pixel_values.device.type == "cpu" and not torch.is_grad_enabled():
+            return torch.cat([self._encode_batch(part) for part in pixel_values.split(chunk)])
+        return self._encode_batch(pixel_values)
+
+    def _encode_batch(self, pixel_values: torch.Tensor) -> torch.Tensor:
         vt = self.vision_tower
         hidden = vt.embeddings(pixel_values.to(dtype=vt.embeddings.patch_embeddings.weight.dtype))
         for stage in vt.encoder.stages:
