@@ -163,9 +163,9 @@ def _load_batcher(args: argparse.Namespace):
         max_batch_size=args.max_batch_size,
         max_queue=args.max_queue,
         batch_wait_s=args.batch_wait_ms / 1000,
-        max_batch_wait_s=max(getattr(args, "max_batch_wait_ms", 250.0), args.batch_wait_ms) / 1000,
-        max_prefill_batch=getattr(args, "max_prefill_batch", 8),
-        overlap_prefill=getattr(args, "overlap_prefill", True),
+        max_batch_wait_s=max(args.max_batch_wait_ms, args.batch_wait_ms) / 1000,
+        max_prefill_batch=args.max_prefill_batch,
+        overlap_prefill=args.overlap_prefill,
     )
 
 

@@ -36,7 +36,7 @@ import torch
 
 from ..errors import ConfigError
 from ..model.processing import EncodedConversation
-from .compute_threads import one_intra_op_thread
+from .compute_threads import one_intra_op_thread, set_intra_op_threads
 from .decoding import IncrementalDecoder
 from .generation import GenerationConfig, GenerationRequest, GenerationResult, VLMPipeline
 from .prefill import Prefilled, Prefiller
@@ -269,8 +269,7 @@ class ContinuousBatcher:
     # --- engine ------------------------------------------------------------------------------
     def _run(self) -> None:
         log.info("batcher started (max batch %d, queue %d)", self.max_batch_size, self.max_queue)
-        if torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
+        set_intra_op_threads(self.threads)
         workers = None
         if self.overlap_prefill:  # on one intra-op thread: a second OpenMP team slows every step
             workers = ThreadPoolExecutor(1, "batcher-prefill", initializer=one_intra_op_thread)

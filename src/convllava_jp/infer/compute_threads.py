@@ -24,15 +24,20 @@ import torch
 T = TypeVar("T")
 
 
-def one_intra_op_thread() -> None:
-    """From now on torch runs this thread's ops without an OpenMP team.
+def set_intra_op_threads(threads: int) -> None:
+    """From now on torch runs this thread's ops on `threads` intra-op threads.
 
     Also sets the count threads take when they first run a parallel op (torch keeps one global),
-    so a thread meant to compute in parallel sets its own count when it starts (`ContinuousBatcher`
-    does).
+    so a thread meant to compute in parallel sets its own count when it starts (the batcher's
+    engine and `stream`'s thread do).
     """
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+def one_intra_op_thread() -> None:
+    """From now on torch runs this thread's ops without an OpenMP team."""
+    set_intra_op_threads(1)
 
 
 def call_in_passing_thread(fn: Callable[[], T], name: str = "loader") -> T:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .compute_threads import set_intra_op_threads
 from .decoding import IncrementalDecoder
 
 
@@ -53,8 +54,7 @@ def stream_pieces(pipeline, request, config) -> Iterator[str]:
     def work() -> None:
         streamer = _TokenQueueStreamer(tokens)
         try:
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
+            set_intra_op_threads(threads)
             encoded = pipeline.encode(request)
             pipeline.check_fits(encoded, config)
             inputs = pipeline.batch_inputs([encoded])
