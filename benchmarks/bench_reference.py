@@ -110,10 +110,6 @@ def _inputs(n_image: int, size: int):
     return ids, ids.masked_fill(ids == IMAGE_TOKEN, -100), torch.randn(4, 3, size, size, generator=g)
 
 
-def _peak_rss_mb() -> float:
-    return peak_rss_mb()  # VmHWM: ru_maxrss would carry the parent's peak into this child
-
-
 def measure_train(name: str, repeats: int) -> dict:
     """Training steps as `ConvLlavaTrainer` runs them: fused AdamW, `loss_only`."""
     from convllava_jp.train.freezing import apply_trainable
@@ -136,7 +132,7 @@ def measure_train(name: str, repeats: int) -> dict:
 
         out[label] = _median_time(step, repeats)
         del opt
-    out["peak_rss_train_mb"] = _peak_rss_mb()
+    out["peak_rss_train_mb"] = peak_rss_mb()
     return out
 
 
@@ -173,7 +169,7 @@ def measure_infer(name: str, repeats: int, model_dir: str | None, dtype: str) ->
         t32 = _median_time(gen(32), repeats)
     out["ttft_ms"] = 1000 * t1
     out["decode_tok_s"] = 31 / max(t32 - t1, 1e-9)
-    out["peak_rss_infer_mb"] = _peak_rss_mb()
+    out["peak_rss_infer_mb"] = peak_rss_mb()
     return out
 
 

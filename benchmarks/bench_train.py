@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 import torch
-from _rss import peak_rss_mb  # benchmarks/ is on sys.path when a script runs
+from _rss import current_rss_mb, peak_rss_mb  # benchmarks/ is on sys.path when a script runs
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 if str(SRC) not in sys.path:
@@ -75,22 +75,6 @@ def prepare(work: Path, preset: str, n_images: int) -> tuple[Path, Path]:
     return world, model_dir
 
 
-def _rss_mb() -> float:
-    """Peak resident set size of this process so far, MiB (VmHWM: not the parent's, see _rss.py)."""
-    return peak_rss_mb()
-
-
-def _current_rss_mb() -> float:
-    """Resident set size now, MiB (the peak so far where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return _rss_mb()
-
-
 # --- one trainer configuration (runs in a child process) ---------------------------------------
 def run_trainer_config(cfg: dict) -> dict:
     """Train `cfg["steps"]` steps of one stage config; returns throughput, data wait and memory."""
@@ -101,7 +85,7 @@ def run_trainer_config(cfg: dict) -> dict:
     from convllava_jp.train.trainer import ConvLlavaTrainer
 
     torch.set_num_threads(cfg["threads"])
-    rss_start = _current_rss_mb()  # the runtime: Python, torch, transformers imported
+    rss_start = current_rss_mb()  # the runtime: Python, torch, transformers imported
     spec = STAGES[cfg["stage"]]
     stage = StageConfig(
         name=cfg["stage"],
@@ -124,7 +108,7 @@ def run_trainer_config(cfg: dict) -> dict:
     if stage.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     n_params = sum(p.numel() for p in model.parameters())
-    rss_model = _current_rss_mb()
+    rss_model = current_rss_mb()
     trainer: ConvLlavaTrainer = build_trainer(stage, model, processor, Path(cfg["out"]))
     trainer.args.disable_tqdm = True
     trainer.args.report_to = []
@@ -175,7 +159,7 @@ def run_trainer_config(cfg: dict) -> dict:
         "theory_mb": theory_mb,
         "rss_start_mb": rss_start,
         "rss_model_mb": rss_model,
-        "peak_rss_mb": _rss_mb(),
+        "peak_rss_mb": peak_rss_mb(),
         "train_wall_s": end - t0,
     }
 
