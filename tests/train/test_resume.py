@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import signal
 import subprocess
 import time
@@ -29,6 +28,7 @@ from convllava_jp.train.stages import train_recipe
 from .conftest import (
     HOLD_RUNNER,
     cli_env,
+    kill_tree,
     losses_by_step,
     start_held_train,
     start_train,
@@ -192,7 +192,6 @@ def test_two_processes_killed_during_a_save_resume_on_the_same_curve(
             stdout=out,
             stderr=subprocess.STDOUT,
             env=cli_env(),
-            start_new_session=True,  # torchrun and both workers: one process group to kill
         )
     try:
         _wait_for(run_dir / ".staging-8" / "HELD", proc, log_path)
@@ -203,8 +202,7 @@ def test_two_processes_killed_during_a_save_resume_on_the_same_curve(
             "missing image": 1
         }
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        kill_tree(proc)  # torchrun and both workers (each in a session of its own)
     assert not (run_dir / "checkpoint-8").exists()
 
     with open(log_path, "ab") as out:
