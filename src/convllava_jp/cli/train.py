@@ -6,6 +6,8 @@ import argparse
 import json
 import os
 
+from ..demo import DEMO_TEST_IMAGES, DEMO_TRAIN_IMAGES, DEMO_VISION_STEPS
+
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from ..demo.world import generate_world
@@ -89,14 +91,18 @@ def _add_demo(sub) -> None:
         help="the built-in demo: synthetic world -> 3 training stages on a tiny model -> held-out scores",
     )
     p.add_argument("--output", default="demo-output", help="output dir (default: %(default)s)")
-    p.add_argument("--train", type=int, default=6000, help="training images (default: %(default)s)")
-    p.add_argument("--test", type=int, default=400, help="held-out images (default: %(default)s)")
+    p.add_argument(
+        "--train", type=int, default=DEMO_TRAIN_IMAGES, help="training images (default: %(default)s)"
+    )
+    p.add_argument(
+        "--test", type=int, default=DEMO_TEST_IMAGES, help="held-out images (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-scale", type=float, default=1.0, help="multiply every stage's steps (smoke runs)")
     p.add_argument(
         "--vision-steps",
         type=int,
-        default=1300,
+        default=DEMO_VISION_STEPS,
         help="steps (of 16 fresh scenes) of the vision tower's pretraining on the world, the demo's stand-in "
         "for CLIP (default: %(default)s)",
     )

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import importlib
 
+# The demo's defaults, shared by `run_demo` and the CLI (which reads them here, at parse time,
+# without importing torch): world size and the vision tower's pretraining steps.
+DEMO_TRAIN_IMAGES = 6000
+DEMO_TEST_IMAGES = 400
+DEMO_VISION_STEPS = 1300
+
 _EXPORTS = {
     "WorldInfo": "world",
     "generate_world": "world",

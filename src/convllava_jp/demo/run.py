@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..io import jsonl_text
+from . import DEMO_TEST_IMAGES, DEMO_TRAIN_IMAGES, DEMO_VISION_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -72,13 +73,13 @@ def _stage_row(r) -> dict:
 
 def run_demo(
     output_dir: str | Path = "demo-output",
-    n_train: int = 6000,
-    n_test: int = 400,
+    n_train: int = DEMO_TRAIN_IMAGES,
+    n_test: int = DEMO_TEST_IMAGES,
     seed: int = 0,
     step_scale: float = 1.0,
     overrides: list[str] | None = None,
     threads: int | None = None,
-    vision_steps: int = 1300,
+    vision_steps: int = DEMO_VISION_STEPS,
 ) -> dict:
     """Run the whole demo; returns (and writes to DIR/demo_results.json) the results dict.
 
