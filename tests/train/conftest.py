@@ -86,7 +86,8 @@ def kill_tree(proc: subprocess.Popen) -> None:
     import psutil  # accelerate's dependency
 
     try:
-        victims = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        parent = psutil.Process(proc.pid)
+        victims = [parent, *parent.children(recursive=True)]
     except psutil.NoSuchProcess:
         victims = []
     for victim in victims:
